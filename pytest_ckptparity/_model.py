@@ -1,0 +1,170 @@
+"""Plain data shared by every layer: array metadata, tolerances, leaf results, the report.
+
+Numbers live here; text lives in `report.py`. Everything is a frozen dataclass or a plain
+container so results can cross process boundaries (xdist) as dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+Index = tuple[int, ...]
+
+# Kinds of leaf mismatch, in the order a reader cares about them.
+ONLY_IN_A = "only in A"
+ONLY_IN_B = "only in B"
+SHAPE = "shape"
+DTYPE = "dtype"
+VALUES = "values"
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """What metadata tells about one stored leaf, before any data is read."""
+
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name: "float32", "bfloat16", "uint32", "str" for strings
+    chunk_shape: Optional[tuple[int, ...]] = None
+    note: str = ""  # e.g. "PRNG key data (threefry2x32)"
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    exact: bool = False  # integers, bools, strings
+
+    def describe(self) -> str:
+        return "exact" if self.exact else f"atol={self.atol:g}, rtol={self.rtol:g}"
+
+
+@dataclass(frozen=True)
+class ValueStats:
+    """Element-wise outcome for one leaf (or one slice of it), in canonical coordinates.
+
+    For a layered leaf the first index coordinate is the layer.
+    """
+
+    n_total: int = 0
+    n_mismatch: int = 0
+    n_nonfinite: int = 0  # mismatches where one side is NaN/inf and the other is not
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    worst_index: Optional[Index] = None
+    worst_a: Any = None
+    worst_b: Any = None
+    first_indices: tuple[Index, ...] = ()
+    mismatched_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LeafResult:
+    """The verdict for one canonical leaf (or the layers of it an item owns)."""
+
+    path: str
+    kind: Optional[str]  # None when the leaf matches, else one of the kinds above
+    shape_a: Optional[tuple[int, ...]] = None
+    shape_b: Optional[tuple[int, ...]] = None
+    dtype_a: Optional[str] = None
+    dtype_b: Optional[str] = None
+    layers: Optional[int] = None  # layer count when the leaf is a layer stack
+    layer_range: Optional[tuple[int, int]] = None  # the layers compared, [start, stop)
+    stats: Optional[ValueStats] = None
+    tolerance: Optional[Tolerance] = None
+    notes: tuple[str, ...] = ()
+    bytes_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ok"] = self.ok
+        return _jsonable(d)
+
+
+@dataclass
+class ParityReport:
+    """Everything one comparison found. Truthy only on parity."""
+
+    names: tuple[str, str] = ("A", "B")
+    layouts: tuple[str, str] = ("", "")
+    results: list[LeafResult] = field(default_factory=list)
+    ignored: int = 0  # canonical leaves left out by scope or rules (rngs by default)
+    values_compared: bool = True
+    wall_time: float = 0.0
+
+    @property
+    def mismatches(self) -> list[LeafResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self.results)
+
+    def worst(self) -> Optional[LeafResult]:
+        """The mismatching leaf a reader should look at first (largest abs diff, else first)."""
+        bad = self.mismatches
+        if not bad:
+            return None
+        with_stats = [r for r in bad if r.stats is not None and r.stats.n_mismatch]
+        if with_stats:
+            return max(with_stats, key=lambda r: (r.stats.max_abs, r.stats.n_mismatch))
+        return bad[0]
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def totals(self) -> dict[str, Any]:
+        worst = self.worst()
+        return {
+            "leaves_compared": len(self.results),
+            "leaves_mismatched": len(self.mismatches),
+            "leaves_ignored": self.ignored,
+            "bytes_read": self.bytes_read,
+            "wall_time_s": round(self.wall_time, 6),
+            "worst_leaf": worst.path if worst else None,
+            "passed": self.passed,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "layouts": list(self.layouts),
+            "totals": self.totals(),
+            "leaves": [r.to_dict() for r in self.results],
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    """Turn numpy scalars, tuples and odd floats into JSON-safe values."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        if x != x or x in (float("inf"), float("-inf")):
+            return repr(x)
+        return x
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if hasattr(x, "item"):
+        try:
+            return _jsonable(x.item())
+        except Exception:  # noqa: BLE001 - fall back to text for exotic scalars
+            return str(x)
+    return str(x)

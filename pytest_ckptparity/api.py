@@ -1,0 +1,253 @@
+"""The public entry points: `assert_ckpt_parity`, `compare_checkpoints` and `Comparison`.
+
+Flow: sources (open, metadata) -> normalize (canonical view) -> diff (results) -> report
+(text). Option values are checked here, once, so every caller (helper, pytest options, CLI)
+gets the same one-sentence usage errors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from pytest_ckptparity._model import ParityReport
+from pytest_ckptparity.diff import DEFAULT_READ_BUDGET, DTYPE_POLICIES, CompareOptions, Selection, diff_views, scoped_paths
+from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
+from pytest_ckptparity.normalize import Layout, NormalizedView, normalize
+from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
+from pytest_ckptparity.sources import Checkpoint, open_checkpoint
+
+SPLITS = ("group", "layer", "leaf")
+_STACK = re.compile(r"^[A-Za-z_]*layers(?:_[a-z]+)*$")
+
+# Observers of every finished comparison (the pytest plugin counts them for its summary).
+_listeners: list[Callable[[ParityReport], None]] = []
+
+
+def add_report_listener(fn: Callable[[ParityReport], None]) -> None:
+    _listeners.append(fn)
+
+
+def remove_report_listener(fn: Callable[[ParityReport], None]) -> None:
+    if fn in _listeners:
+        _listeners.remove(fn)
+
+
+# --------------------------------------------------------------------------------------
+# Option checking
+# --------------------------------------------------------------------------------------
+
+
+def _check_tol(name: str, value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise CkptParityUsageError(f"{name} must be a non-negative number, got {value!r}.") from None
+    if not math.isfinite(f) or f < 0:
+        raise CkptParityUsageError(f"{name} must be a non-negative number, got {value!r}.")
+    return f
+
+
+def _globs(name: str, value: Union[str, Iterable[str], None]) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise CkptParityUsageError(f"{name} must be a glob or a list of globs, got {value!r}.") from None
+    if not all(isinstance(v, str) and v for v in out):
+        raise CkptParityUsageError(f"{name} must hold non-empty glob strings, got {value!r}.")
+    return out
+
+
+def _tolerance_map(value: Optional[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    if not value:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CkptParityUsageError(f"tolerances must map globs to dict(atol=..., rtol=...), got {value!r}.")
+    out: dict[str, dict[str, float]] = {}
+    for pattern, tol in value.items():
+        if not isinstance(tol, Mapping) or not tol or set(tol) - {"atol", "rtol"}:
+            raise CkptParityUsageError(f"tolerances[{pattern!r}] must be a dict with atol and/or rtol, got {tol!r}.")
+        out[str(pattern)] = {k: _check_tol(f"tolerances[{pattern!r}][{k!r}]", v) for k, v in tol.items()}
+    return out
+
+
+def make_options(
+    *, atol: Any = None, rtol: Any = None, tolerances: Optional[Mapping[str, Mapping[str, float]]] = None,
+    include: Any = None, exclude: Any = None, compare_values: bool = True, equal_nan: bool = True,
+    dtype_policy: str = "strict", read_budget: int = DEFAULT_READ_BUDGET,
+) -> CompareOptions:
+    """Validated `CompareOptions`; bad values raise `CkptParityUsageError` with one sentence."""
+    if dtype_policy not in DTYPE_POLICIES:
+        raise CkptParityUsageError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {dtype_policy!r}.")
+    if not isinstance(read_budget, int) or read_budget <= 0:
+        raise CkptParityUsageError(f"read_budget must be a positive number of bytes, got {read_budget!r}.")
+    return CompareOptions(
+        atol=_check_tol("atol", atol), rtol=_check_tol("rtol", rtol), tolerances=_tolerance_map(tolerances),
+        include=_globs("include", include), exclude=_globs("exclude", exclude),
+        compare_values=bool(compare_values), equal_nan=bool(equal_nan), dtype_policy=dtype_policy,
+        read_budget=read_budget,
+    )
+
+
+def _rename_rules(rename: Any) -> tuple[tuple[str, str], ...]:
+    rules = tuple(tuple(r) for r in (rename or ()))
+    for rule in rules:
+        if len(rule) != 2 or not all(isinstance(x, str) for x in rule):
+            raise CkptParityUsageError(f"rename must be a list of (pattern, replacement) string pairs, got {rename!r}.")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise CkptParityUsageError(f"rename pattern {rule[0]!r} is not a valid regular expression ({e}).") from None
+    return rules
+
+
+# --------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------
+
+
+class Comparison:
+    """Two checkpoints opened and normalized (metadata only), ready to compare in parts."""
+
+    def __init__(
+        self, a: Any, b: Any, *, names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
+        format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
+        rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
+        scan_axis: Optional[int] = None, options: Optional[CompareOptions] = None,
+    ) -> None:
+        if len(tuple(names)) != 2 or not all(isinstance(n, str) and n for n in names):
+            raise CkptParityUsageError(f"names must be two non-empty strings, got {names!r}.")
+        if scan_axis is not None and (not isinstance(scan_axis, int) or scan_axis < 0):
+            raise CkptParityUsageError(f"scan_axis must be a non-negative integer, got {scan_axis!r}.")
+        if step is not None and (not isinstance(step, int) or step < 0):
+            raise CkptParityUsageError(f"step must be a non-negative integer, got {step!r}.")
+        na, nb = names
+        self.options = options or CompareOptions()
+        rules = _rename_rules(rename)
+        ignore_globs = _globs("ignore", ignore)
+        self.checkpoints = (open_checkpoint(a, step=step, name=na), open_checkpoint(b, step=step, name=nb))
+        kw = dict(rename=rules, ignore=ignore_globs, ignore_rngs=ignore_rngs, scan_axis=scan_axis)
+        self.views: tuple[NormalizedView, NormalizedView] = (
+            normalize(self.checkpoints[0], layout=format_a, **kw),
+            normalize(self.checkpoints[1], layout=format_b, **kw),
+        )
+
+    def run(self, selection: Optional[Iterable[Selection]] = None) -> ParityReport:
+        report = diff_views(self.views[0], self.views[1], self.options, selection)
+        for fn in list(_listeners):
+            fn(report)
+        return report
+
+    def split(self, how: str = "layer") -> list[tuple[str, list[Selection]]]:
+        """Named parts for generated test items, from metadata only, in a deterministic order."""
+        if how not in SPLITS:
+            raise CkptParityUsageError(f"split must be one of {', '.join(SPLITS)}, got {how!r}.")
+        va, vb = self.views
+        paths, _ = scoped_paths(va, vb, self.options)
+        plain: dict[str, list[str]] = defaultdict(list)
+        layered: dict[tuple[str, int], list[str]] = defaultdict(list)
+        for path in paths:
+            la, lb = va.leaves.get(path), vb.leaves.get(path)
+            if la is None or lb is None:
+                plain[f"only-in-{va.name if lb is None else vb.name}"].append(path)
+                continue
+            key = _item_key(path, how)
+            if how == "layer" and la.layers is not None and la.layers == lb.layers and la.shape == lb.shape:
+                stack = next((k for k in path.split("/") if _STACK.match(k)), None)
+                if stack is not None:
+                    prefix = path.split("/" + stack + "/", 1)[0] + "/" + stack if "/" + stack + "/" in path else key
+                    for layer in range(la.layers):
+                        layered[(prefix, layer)].append(path)
+                    continue
+            plain[key].append(path)
+        parts: list[tuple[Any, str, list[Selection]]] = []
+        for key, ps in plain.items():
+            parts.append(((key, -1), key, [Selection(tuple(ps))]))
+        for (prefix, layer), ps in layered.items():
+            parts.append(((prefix, layer), f"{prefix}[{layer}]", [Selection(tuple(ps), (layer, layer + 1))]))
+        parts.sort(key=lambda p: p[0])
+        return [(name, sel) for _, name, sel in parts]
+
+
+def _item_key(path: str, how: str) -> str:
+    keys = path.split("/")
+    if how == "leaf":
+        return path
+    group = keys[0]
+    if group == "params" and len(keys) > 2:
+        return "/".join(keys[:2])
+    if group == "opt_state" and len(keys) > 2:
+        return "/".join(keys[:2] if how == "group" else keys[:3])
+    return group if len(keys) > 1 else path
+
+
+# --------------------------------------------------------------------------------------
+# The helper
+# --------------------------------------------------------------------------------------
+
+
+def compare_checkpoints(
+    a: Any, b: Any, *, atol: Optional[float] = None, rtol: Optional[float] = None,
+    tolerances: Optional[Mapping[str, Mapping[str, float]]] = None,
+    include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
+    compare_values: bool = True, equal_nan: bool = True, dtype_policy: str = "strict",
+    names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
+    format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
+    rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
+    scan_axis: Optional[int] = None, read_budget: int = DEFAULT_READ_BUDGET,
+) -> ParityReport:
+    """Compare and return the report, parity or not (raises only on usage errors)."""
+    options = make_options(
+        atol=atol, rtol=rtol, tolerances=tolerances, include=include, exclude=exclude,
+        compare_values=compare_values, equal_nan=equal_nan, dtype_policy=dtype_policy, read_budget=read_budget,
+    )
+    comparison = Comparison(
+        a, b, names=names, step=step, format_a=format_a, format_b=format_b, rename=rename,
+        ignore=ignore, ignore_rngs=ignore_rngs, scan_axis=scan_axis, options=options,
+    )
+    return comparison.run()
+
+
+# The plugin raises this with -v / -vv; None shows every row.
+default_max_rows: Optional[int] = DEFAULT_MAX_ROWS
+
+
+def assert_ckpt_parity(
+    a: Union[str, os.PathLike, Checkpoint, Any], b: Union[str, os.PathLike, Checkpoint, Any], *,
+    atol: Optional[float] = None, rtol: Optional[float] = None,
+    tolerances: Optional[Mapping[str, Mapping[str, float]]] = None,
+    include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
+    compare_values: bool = True, equal_nan: bool = True, dtype_policy: str = "strict",
+    names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
+    format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
+    rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
+    scan_axis: Optional[int] = None, read_budget: int = DEFAULT_READ_BUDGET,
+) -> ParityReport:
+    """Assert that checkpoints `a` and `b` hold the same model.
+
+    `a` and `b` may be paths (orbax manager root, step, item or bare folder), in-memory trees
+    or opened checkpoints (the `ckpt_a` fixture), in any mix. B is the reference:
+    `|a - b| <= atol + rtol * |b|`. Returns the report on parity; raises `CkptParityError`
+    naming every mismatch otherwise, and `CkptParityUsageError` when no verdict is possible.
+
+    >>> assert_ckpt_parity("runs/linen/checkpoints", "runs/nnx/checkpoints", exclude="opt_state")
+    """
+    __tracebackhide__ = True
+    report = compare_checkpoints(
+        a, b, atol=atol, rtol=rtol, tolerances=tolerances, include=include, exclude=exclude,
+        compare_values=compare_values, equal_nan=equal_nan, dtype_policy=dtype_policy, names=names,
+        step=step, format_a=format_a, format_b=format_b, rename=rename, ignore=ignore,
+        ignore_rngs=ignore_rngs, scan_axis=scan_axis, read_budget=read_budget,
+    )
+    if not report.passed:
+        raise CkptParityError(render(report, color=False, max_rows=default_max_rows), report)
+    return report

@@ -1,0 +1,428 @@
+"""Compare two normalized views: structure, shapes, dtypes, then values. Builds no strings
+beyond short notes; `report.py` turns the result into text.
+
+Values: `|a - b| <= atol + rtol * |b|` (B is the reference), exact for integers, booleans and
+strings. NaN equals NaN at the same position unless `equal_nan=False`; NaN or inf against
+anything else is a mismatch. Identical arrays take a bitwise fast path first.
+
+Memory: every leaf is read in blocks of at most `read_budget // 4` bytes per side, aligned
+to the stored chunks, and compared in pieces of `PIECE_ELEMENTS` elements, so temporaries
+scale with a block, never with the checkpoint. Reads for the next blocks are issued while
+the current one is compared (readahead), up to `read_budget` bytes in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from pytest_ckptparity._model import (
+    DTYPE, ONLY_IN_A, ONLY_IN_B, SHAPE, VALUES, LeafResult, ParityReport, Tolerance, ValueStats,
+)
+from pytest_ckptparity._paths import glob_match, in_scope
+from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
+
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(atol=1e-7, rtol=1e-7),
+    "float32": Tolerance(atol=1e-5, rtol=1.3e-6),
+    "bfloat16": Tolerance(atol=1e-5, rtol=1.6e-2),
+    "float16": Tolerance(atol=1e-5, rtol=1e-3),
+}
+EXACT = Tolerance(atol=0.0, rtol=0.0, exact=True)
+DEFAULT_READ_BUDGET = 256 << 20  # bytes in flight across both sides
+PIECE_ELEMENTS = 1 << 20  # elements compared at once: bounds every temporary
+FIRST_INDICES = 5
+COUNTER_NAMES = frozenset({"step", "count"})  # compared by value across integer dtypes
+DTYPE_POLICIES = ("strict", "cast")
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    tolerances: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    compare_values: bool = True
+    equal_nan: bool = True
+    dtype_policy: str = "strict"
+    read_budget: int = DEFAULT_READ_BUDGET
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Part of a comparison (a generated pytest item): some paths, optionally some layers."""
+
+    paths: tuple[str, ...]
+    layer_range: Optional[tuple[int, int]] = None
+
+
+# --------------------------------------------------------------------------------------
+# Tolerances and dtypes
+# --------------------------------------------------------------------------------------
+
+
+def _kind(dtype: str) -> str:
+    if dtype == "str":
+        return "str"
+    if dtype in DEFAULT_TOLERANCES:
+        return "float"
+    try:
+        k = np.dtype(dtype).kind
+    except TypeError:
+        return "other"
+    return {"f": "float", "c": "float", "i": "int", "u": "int", "b": "bool"}.get(k, "other")
+
+
+def resolve_tolerance(path: str, dtype: str, opts: CompareOptions) -> Tolerance:
+    """Per-path override, else explicit atol/rtol, else the dtype's default."""
+    if _kind(dtype) != "float":
+        return EXACT
+    base = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float64"] if "64" in dtype else DEFAULT_TOLERANCES["float32"])
+    atol = base.atol if opts.atol is None else float(opts.atol)
+    rtol = base.rtol if opts.rtol is None else float(opts.rtol)
+    for pattern, override in opts.tolerances.items():
+        if glob_match(path, pattern):
+            atol = float(override.get("atol", atol))
+            rtol = float(override.get("rtol", rtol))
+            break
+    return Tolerance(atol=atol, rtol=rtol)
+
+
+def _precision(dtype: str) -> int:
+    import ml_dtypes  # numpy's finfo does not know bfloat16 and friends; ml_dtypes' does
+
+    return int(ml_dtypes.finfo(_np_dtype(dtype)).nmant)
+
+
+def lower_precision(d1: str, d2: str) -> str:
+    return d1 if _precision(d1) <= _precision(d2) else d2
+
+
+def _np_dtype(name: str) -> np.dtype:
+    import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy
+
+    return np.dtype(name)
+
+
+# --------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------
+
+
+def _pieces(shape: tuple[int, ...], limit: int) -> Iterator[tuple[slice, ...]]:
+    """Slices over leading axes, each covering at most `limit` elements, in C order."""
+    if not shape:
+        yield ()
+        return
+    inner = math.prod(shape[1:])
+    if inner <= limit:
+        step = max(1, limit // max(inner, 1))
+        for s in range(0, shape[0], step):
+            yield (slice(s, min(s + step, shape[0])),)
+    else:
+        for i in range(shape[0]):
+            for rest in _pieces(shape[1:], limit):
+                yield (slice(i, i + 1),) + rest
+
+
+def _scalar(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+class _Accumulator:
+    """Merges the stats of the pieces and blocks of one leaf."""
+
+    def __init__(self) -> None:
+        self.n_total = self.n_mismatch = self.n_nonfinite = 0
+        self.max_abs = self.max_rel = 0.0
+        self.worst: Optional[tuple[float, tuple[int, ...], Any, Any]] = None
+        self.first: list[tuple[int, ...]] = []
+        self.layers: set[int] = set()
+        self.bytes_read = 0
+
+    def stats(self) -> ValueStats:
+        w = self.worst
+        return ValueStats(
+            n_total=self.n_total, n_mismatch=self.n_mismatch, n_nonfinite=self.n_nonfinite,
+            max_abs=self.max_abs, max_rel=self.max_rel,
+            worst_index=w[1] if w else None, worst_a=w[2] if w else None, worst_b=w[3] if w else None,
+            first_indices=tuple(self.first), mismatched_layers=tuple(sorted(self.layers)),
+        )
+
+
+def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype != b.dtype:
+        return False
+    if a.dtype.itemsize in (1, 2, 4, 8) and a.dtype.kind not in "OSU":
+        u = np.dtype(f"u{a.dtype.itemsize}")
+        return bool(np.array_equal(a.view(u), b.view(u)))
+    return bool(np.array_equal(a, b))
+
+
+def compare_block(
+    a: np.ndarray, b: np.ndarray, tol: Tolerance, equal_nan: bool, acc: _Accumulator,
+    origin: tuple[int, ...] = (), layered: bool = False,
+) -> None:
+    """Compare one block (same shape) and fold the outcome into `acc`.
+
+    `origin` is the block's offset in canonical coordinates, so indices are reported in the
+    whole leaf's coordinates (layer first when `layered`).
+    """
+    a = np.asarray(a)
+    b = np.asarray(b)
+    origin = origin or (0,) * a.ndim
+    for piece in _pieces(a.shape, PIECE_ELEMENTS):
+        pa, pb = a[piece], b[piece]
+        n = pa.size
+        acc.n_total += n
+        if n == 0:
+            continue
+        starts = tuple(origin[i] + (piece[i].start if i < len(piece) else 0) for i in range(a.ndim))
+        floating = pa.dtype.kind in "fc" or _kind(pa.dtype.name) == "float"
+        if _bitwise_equal(pa, pb) and not (floating and not equal_nan and np.isnan(pa.astype(np.float32)).any()):
+            continue
+        if tol.exact or not floating:
+            x = pa.astype(np.float64) if pa.dtype.kind != "b" else pa.astype(np.int8).astype(np.float64)
+            y = pb.astype(np.float64) if pb.dtype.kind != "b" else pb.astype(np.int8).astype(np.float64)
+            bad = pa != pb
+            finite_bad = bad
+            d = np.abs(x - y)
+        else:
+            x = pa.astype(np.float64)
+            y = pb.astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = np.abs(x - y)
+                ok = (d <= tol.atol + tol.rtol * np.abs(y)) | (x == y)
+            if equal_nan:
+                ok |= np.isnan(x) & np.isnan(y)
+            bad = ~ok
+            finite = np.isfinite(x) & np.isfinite(y)
+            finite_bad = bad & finite
+            acc.n_nonfinite += int(np.count_nonzero(bad & ~finite))
+            d = np.where(finite, d, 0.0)
+        n_bad = int(np.count_nonzero(bad))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(d > 0, d / np.abs(y), 0.0)
+        acc.max_abs = max(acc.max_abs, float(d.max()))
+        acc.max_rel = max(acc.max_rel, float(np.nan_to_num(rel, nan=0.0, posinf=np.inf).max()))
+        if not n_bad:
+            continue
+        acc.n_mismatch += n_bad
+        pick = finite_bad if finite_bad.any() else bad
+        flat = int(np.argmax(np.where(pick, d, -1.0)))
+        local = np.unravel_index(flat, pa.shape)
+        score = float(d.reshape(-1)[flat]) if pick is finite_bad and finite_bad.any() else math.inf
+        if acc.worst is None or score > acc.worst[0]:
+            index = tuple(int(s + l) for s, l in zip(starts, local))
+            acc.worst = (score, index, _scalar(pa[local]), _scalar(pb[local]))
+        if len(acc.first) < FIRST_INDICES:
+            for f in np.flatnonzero(bad)[: FIRST_INDICES - len(acc.first)]:
+                loc = np.unravel_index(int(f), pa.shape)
+                acc.first.append(tuple(int(s + l) for s, l in zip(starts, loc)))
+        if layered:
+            rows = np.unravel_index(np.flatnonzero(bad), pa.shape)[0]
+            acc.layers.update(int(starts[0] + r) for r in np.unique(rows))
+
+
+# --------------------------------------------------------------------------------------
+# Planning: which leaves, which blocks
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    path: str
+    la: LogicalLeaf
+    lb: LogicalLeaf
+    tol: Tolerance
+    cast_to: Optional[str]
+    layer_range: Optional[tuple[int, int]]
+    notes: tuple[str, ...]
+    blocks: list[tuple[slice, ...]]
+    acc: _Accumulator = field(default_factory=_Accumulator)
+
+
+def _blocks(leaf: LogicalLeaf, other: LogicalLeaf, layer_range: Optional[tuple[int, int]], itemsize: int, budget: int) -> list[tuple[slice, ...]]:
+    """Chunk-aligned blocks covering the leaf (restricted to `layer_range`), each <= budget."""
+    full = [slice(0, d) for d in leaf.shape]
+    if layer_range is not None and leaf.layers is not None:
+        full[0] = slice(*layer_range)
+    sizes = [s.stop - s.start for s in full]
+    total = math.prod(sizes) * itemsize
+    if total <= budget or not sizes:
+        return [tuple(full)]
+    chunk = leaf.chunk_shape or other.chunk_shape
+    axis = None
+    if chunk is not None:
+        axis = next((i for i, (c, d) in enumerate(zip(chunk, leaf.shape)) if c < d), None)
+    if axis is None:
+        return [tuple(full)]  # one stored chunk: reading it in parts would decode it repeatedly
+    c = chunk[axis]
+    slab = total // sizes[axis] * c
+    step = c * max(1, budget // max(slab, 1))
+    out = []
+    start, stop = full[axis].start, full[axis].stop
+    first = start - start % c
+    for s in range(first, stop, step):
+        block = list(full)
+        block[axis] = slice(max(s, start), min(s + step, stop))
+        out.append(tuple(block))
+    return out
+
+
+def _counter(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] in COUNTER_NAMES
+
+
+def _structural(path: str, la: Optional[LogicalLeaf], lb: Optional[LogicalLeaf], opts: CompareOptions) -> tuple[Optional[LeafResult], Optional[str], tuple[str, ...]]:
+    """A finished result when structure alone decides, else (None, cast dtype, notes)."""
+    if la is None or lb is None:
+        leaf = la or lb
+        return LeafResult(path, ONLY_IN_A if lb is None else ONLY_IN_B,
+                          shape_a=la.shape if la else None, shape_b=lb.shape if lb else None,
+                          dtype_a=la.dtype if la else None, dtype_b=lb.dtype if lb else None,
+                          layers=leaf.layers), None, ()
+    base = dict(shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype, layers=la.layers if la.layers == lb.layers else None)
+    notes: list[str] = []
+    if la.note or lb.note:
+        notes.append(la.note or lb.note)
+    if la.shape != lb.shape:
+        if la.layers is not None and lb.layers is not None and la.layers != lb.layers:
+            notes.append(f"layer count {la.layers} vs {lb.layers}")
+        elif (la.layers is None) != (lb.layers is None):
+            notes.append("a layer stack on one side only")
+        return LeafResult(path, SHAPE, notes=tuple(notes), **base), None, ()
+    cast_to = None
+    if la.dtype != lb.dtype:
+        ka, kb = _kind(la.dtype), _kind(lb.dtype)
+        if _counter(path) and ka in ("int", "bool") and kb in ("int", "bool"):
+            notes.append(f"{la.dtype} vs {lb.dtype} compared by value")
+            cast_to = "int64"
+        elif opts.dtype_policy == "cast" and ka == kb == "float":
+            cast_to = lower_precision(la.dtype, lb.dtype)
+            notes.append(f"{la.dtype} vs {lb.dtype}, compared as {cast_to}")
+        else:
+            return LeafResult(path, DTYPE, notes=tuple(notes), **base), None, ()
+    return None, cast_to, tuple(notes)
+
+
+# --------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------
+
+
+def scoped_paths(va: NormalizedView, vb: NormalizedView, opts: CompareOptions) -> tuple[list[str], int]:
+    """Canonical paths to compare (sorted) and how many were left out."""
+    union = sorted(set(va.leaves) | set(vb.leaves))
+    kept = [p for p in union if in_scope(p, opts.include, opts.exclude)]
+    left_out = len(union) - len(kept) + len(set(va.ignored) | set(vb.ignored))
+    return kept, left_out
+
+
+def diff_views(
+    va: NormalizedView, vb: NormalizedView, opts: CompareOptions = CompareOptions(),
+    selection: Optional[Iterable[Selection]] = None,
+) -> ParityReport:
+    """Compare two views (or only `selection` of them) and return every leaf's result."""
+    t0 = time.perf_counter()
+    paths, ignored = scoped_paths(va, vb, opts)
+    wanted: list[tuple[str, Optional[tuple[int, int]]]]
+    if selection is None:
+        wanted = [(p, None) for p in paths]
+    else:
+        wanted = [(p, sel.layer_range) for sel in selection for p in sel.paths]
+
+    results: dict[int, LeafResult] = {}
+    jobs: list[tuple[int, _Job]] = []
+    block_budget = max(1, opts.read_budget // 4)
+    for pos, (path, layer_range) in enumerate(wanted):
+        la, lb = va.leaves.get(path), vb.leaves.get(path)
+        done, cast_to, notes = _structural(path, la, lb, opts)
+        if done is not None:
+            results[pos] = done
+            continue
+        if not opts.compare_values:
+            results[pos] = LeafResult(path, None, shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype, layers=la.layers, layer_range=layer_range, notes=notes)
+            continue
+        compare_dtype = cast_to or la.dtype
+        tol = resolve_tolerance(path, compare_dtype, opts)
+        if la.layers is None:
+            layer_range = None
+        itemsize = max(_itemsize(la.dtype), _itemsize(lb.dtype))
+        job = _Job(path, la, lb, tol, cast_to, layer_range, notes, _blocks(la, lb, layer_range, itemsize, block_budget))
+        jobs.append((pos, job))
+
+    for pos, result in _run_jobs(va, vb, jobs, opts):
+        results[pos] = result
+
+    report = ParityReport(
+        names=(va.name, vb.name), layouts=(va.describe(), vb.describe()),
+        results=[results[i] for i in sorted(results)], ignored=ignored if selection is None else 0,
+        values_compared=opts.compare_values,
+    )
+    report.wall_time = time.perf_counter() - t0
+    return report
+
+
+def _itemsize(dtype: str) -> int:
+    if dtype == "str":
+        return 1
+    return _np_dtype(dtype).itemsize
+
+
+def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job]], opts: CompareOptions) -> Iterator[tuple[int, LeafResult]]:
+    """Read blocks with readahead under the byte budget; compare in order."""
+    work = [(pos, job, i) for pos, job in jobs for i in range(len(job.blocks))]
+    inflight: deque = deque()
+    in_bytes = 0
+    nxt = 0
+    while nxt < len(work) or inflight:
+        while nxt < len(work) and (not inflight or in_bytes < opts.read_budget):
+            pos, job, i = work[nxt]
+            block = job.blocks[i]
+            pa, pb = va.read(job.la, block), vb.read(job.lb, block)
+            inflight.append((pos, job, i, pa, pb))
+            in_bytes += pa.nbytes + pb.nbytes
+            nxt += 1
+        pos, job, i, pa, pb = inflight.popleft()
+        a, b = pa.result(), pb.result()
+        in_bytes -= pa.nbytes + pb.nbytes
+        job.acc.bytes_read += pa.nbytes + pb.nbytes
+        _compare_values(job, a, b, job.blocks[i], opts)
+        del a, b
+        if i == len(job.blocks) - 1:
+            yield pos, _finish(job)
+
+
+def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: CompareOptions) -> None:
+    if isinstance(a, str) or isinstance(b, str):
+        job.acc.n_total += 1
+        if a != b:
+            job.acc.n_mismatch += 1
+            job.acc.worst = (math.inf, (), a, b)
+        return
+    if job.cast_to is not None:
+        target = _np_dtype(job.cast_to)
+        a, b = np.asarray(a).astype(target), np.asarray(b).astype(target)
+    origin = tuple(s.start for s in block)
+    compare_block(a, b, job.tol, opts.equal_nan, job.acc, origin, layered=job.la.layers is not None)
+
+
+def _finish(job: _Job) -> LeafResult:
+    stats = job.acc.stats()
+    la, lb = job.la, job.lb
+    return LeafResult(
+        job.path, VALUES if stats.n_mismatch else None,
+        shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype,
+        layers=la.layers, layer_range=job.layer_range, stats=stats, tolerance=job.tol,
+        notes=job.notes, bytes_read=job.acc.bytes_read,
+    )
+
+
+__all__ = ("CompareOptions", "Selection", "DEFAULT_TOLERANCES", "resolve_tolerance", "compare_block", "diff_views", "scoped_paths")

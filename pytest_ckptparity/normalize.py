@@ -1,0 +1,391 @@
+"""Layout detection and the rules that map every Linen/NNX layout onto one canonical form.
+
+The canonical form has top-level groups `params`, `opt_state`, `step`, `rngs` (anything else
+keeps its own name). One general rule set does the mapping, whatever layout wrote the tree:
+
+1. user and layout rename rules (regular expressions over the raw '/'-joined path);
+2. `value` wrappers are stripped when every leaf ends in `value` (NNX state saved as is);
+   only the last key goes, so a weight really named `value` survives;
+3. group rules: `params/params/X`, `params/X`, `model/X` -> `params/X`; NNX-only state
+   (`nnx_aux/model/X`, any path through an `rngs` key) -> `rngs/X`; `optimizer/step` ->
+   `step`; `optimizer/opt_state/i/...` -> `opt_state/i/...`; a `params` level right under
+   an optimizer field (`mu/params/X`) is dropped;
+4. layer rules: a stacked tensor (`layers`, `dense_layers`, ... on the scan axis), a
+   `layers_N` family and a `layers/N` family all become one *layered* leaf whose canonical
+   array has the layer on axis 0. Nothing is copied: reads are mapped onto the stored arrays.
+
+Layouts (`Layout`) only name what was detected and may add rename/ignore rules; users can
+register their own with `register_layout`. This module imports neither pytest nor orbax.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from pytest_ckptparity._model import ArrayInfo
+from pytest_ckptparity._paths import KeyPath, any_match, path_str
+from pytest_ckptparity.errors import CkptParityUsageError
+from pytest_ckptparity.sources import Checkpoint, Pending
+
+DEFAULT_SCAN_AXIS = 1  # MaxText's param_scan_axis: weights are stacked on axis 1
+NON_PARAM_SCAN_AXIS = 0  # scanned NNX non-Param state (RNG counts and keys) stacks on axis 0
+
+_STACK_NAME = re.compile(r"^[A-Za-z_]*layers(?:_[a-z]+)*$")
+_FAMILY_MEMBER = re.compile(r"^(?P<stack>[A-Za-z_]*layers(?:_[a-z]+)*)_(?P<index>\d+)$")
+_OPT_FIELDS_WITH_PARAMS_LEVEL = re.compile(r"^(mu|nu|trace|ema|.*moment.*|acc.*|v|m)$")
+
+
+# --------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeFacts:
+    """What detection may look at: raw paths, their metadata, the checkpoint's custom metadata."""
+
+    paths: tuple[KeyPath, ...]
+    infos: Mapping[KeyPath, ArrayInfo]
+    custom_metadata: Mapping[str, Any]
+
+    @property
+    def wrapped(self) -> bool:
+        return bool(self.paths) and all(p and p[-1] == "value" for p in self.paths)
+
+    @property
+    def top(self) -> frozenset[str]:
+        return frozenset(p[0] for p in self.paths if p)
+
+    def has_prefix(self, *prefix: str) -> bool:
+        n = len(prefix)
+        return any(p[:n] == prefix for p in self.paths)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A named checkpoint layout: how to recognise it and any extra rules it needs.
+
+    `detect(facts)` decides from metadata alone. `rename` holds (regex, replacement) pairs
+    applied with `re.sub` to the raw '/'-joined path before the general rules; `ignore`
+    holds globs over canonical paths that are left out of the comparison.
+    """
+
+    name: str
+    label: str
+    detect: Callable[[TreeFacts], bool] = lambda facts: False
+    rename: tuple[tuple[str, str], ...] = ()
+    ignore: tuple[str, ...] = ()
+
+
+def _is_decode(f: TreeFacts) -> bool:
+    return bool(f.top & {"decoder", "token_embedder"}) and not (f.top & {"params", "model", "opt_state", "step", "optimizer"})
+
+
+BUILTIN_LAYOUTS: tuple[Layout, ...] = (
+    Layout("maxtext_nnx", "MaxText Linen-compatible NNX state (with nnx_aux)", lambda f: "nnx_aux" in f.top),
+    Layout("lora", "LoRA adapter tree", lambda f: any("lora" in k for p in f.paths for k in p) and not f.has_prefix("model")),
+    Layout("linen", "Linen TrainState", lambda f: f.has_prefix("params", "params")),
+    Layout("nnx_wrapped", "NNX state with value wrappers", lambda f: "model" in f.top and f.wrapped),
+    Layout("nnx_pure", "NNX pure dict", lambda f: "model" in f.top and not f.wrapped),
+    Layout("decode", "parameter-only decode checkpoint", _is_decode, rename=((r"^", "params/"),)),
+    Layout("params", "parameter tree", lambda f: f.top == {"params"}),
+    Layout("generic", "generic tree (compared as it is)", lambda f: True),
+)
+
+_registry: list[Layout] = []
+
+
+def register_layout(layout: Layout) -> Layout:
+    """Add a layout; user layouts are tried before the built-in ones, newest first."""
+    global _registry
+    _registry = [layout] + [l for l in _registry if l.name != layout.name]
+    return layout
+
+
+def unregister_layout(name: str) -> None:
+    global _registry
+    _registry = [l for l in _registry if l.name != name]
+
+
+def known_layouts() -> list[Layout]:
+    return list(_registry) + list(BUILTIN_LAYOUTS)
+
+
+def _resolve_layout(forced: Union[str, Layout, None], facts: TreeFacts, side: str) -> Layout:
+    if isinstance(forced, Layout):
+        return forced
+    layouts = known_layouts()
+    if forced:
+        for layout in layouts:
+            if layout.name == forced:
+                return layout
+        names = ", ".join(l.name for l in layouts)
+        raise CkptParityUsageError(f"{side}: unknown layout '{forced}'; known layouts: {names} (or register one with register_layout).")
+    for layout in layouts:
+        if layout.detect(facts):
+            return layout
+    return BUILTIN_LAYOUTS[-1]
+
+
+# --------------------------------------------------------------------------------------
+# Canonical leaves
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where a canonical leaf's data lives on its side."""
+
+    raw: Optional[KeyPath] = None  # a plain or stacked array
+    axis: Optional[int] = None  # stacked: the layer axis of `raw`
+    per_layer: tuple[KeyPath, ...] = ()  # a family: one raw array per layer, in order
+    family_style: str = ""  # "layers_N" or "layers/N"
+
+
+@dataclass(frozen=True)
+class LogicalLeaf:
+    """One canonical leaf. A layered leaf's canonical array is (layers, *per-layer shape)."""
+
+    path: str
+    group: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: Storage
+    layers: Optional[int] = None
+    chunk_shape: Optional[tuple[int, ...]] = None  # in canonical coordinates
+    note: str = ""
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.layers is not None else self.shape
+
+    @property
+    def raw_paths(self) -> tuple[KeyPath, ...]:
+        return self.storage.per_layer or ((self.storage.raw,) if self.storage.raw else ())
+
+
+@dataclass
+class NormalizedView:
+    """A checkpoint seen through the canonical form."""
+
+    checkpoint: Checkpoint
+    layout: Layout
+    leaves: dict[str, LogicalLeaf]
+    ignored: dict[str, LogicalLeaf] = field(default_factory=dict)
+    layer_forms: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.name
+
+    def describe(self) -> str:
+        parts = [self.layout.label]
+        parts.extend(self.layer_forms)
+        return ", ".join(parts)
+
+    def read(self, leaf: LogicalLeaf, index: Optional[tuple[slice, ...]] = None) -> Pending:
+        """Start reading `leaf[index]` in canonical coordinates (layer first when layered)."""
+        st = leaf.storage
+        if leaf.layers is None:
+            return self.checkpoint.read(st.raw, index)
+        index = index or tuple(slice(None) for _ in leaf.shape)
+        layer_sel, rest = index[0], tuple(index[1:])
+        if st.per_layer:
+            import numpy as np
+
+            pendings = [self.checkpoint.read(st.per_layer[i], rest) for i in range(*layer_sel.indices(leaf.layers))]
+            return Pending(lambda: np.stack([p.result() for p in pendings]) if pendings else np.empty((0,) + leaf.layer_shape, leaf.dtype), sum(p.nbytes for p in pendings))
+        axis = st.axis
+        stored_index = rest[:axis] + (layer_sel,) + rest[axis:]
+        pending = self.checkpoint.read(st.raw, stored_index)
+
+        def get() -> Any:
+            import numpy as np
+
+            return np.moveaxis(pending.result(), axis, 0)
+
+        return Pending(get, pending.nbytes)
+
+
+# --------------------------------------------------------------------------------------
+# The rules
+# --------------------------------------------------------------------------------------
+
+
+def _apply_renames(path: KeyPath, rules: Sequence[tuple[str, str]]) -> KeyPath:
+    if not rules:
+        return path
+    text = path_str(path)
+    for pattern, replacement in rules:
+        text = re.sub(pattern, replacement, text)
+    return tuple(k for k in text.split("/") if k != "")
+
+
+def _opt_state(rest: KeyPath) -> KeyPath:
+    """`<i>/<field>/params/X` -> `<i>/<field>/X`: Linen keeps a params level NNX does not."""
+    if len(rest) >= 3 and rest[2] == "params" and _OPT_FIELDS_WITH_PARAMS_LEVEL.match(rest[1]):
+        rest = rest[:2] + rest[3:]
+    return ("opt_state",) + rest
+
+
+def canonical_path(path: KeyPath) -> KeyPath:
+    """Map one raw path (wrappers already stripped) onto the canonical groups."""
+    if not path:
+        return path
+    head, rest = path[0], path[1:]
+    if head == "nnx_aux":
+        return ("rngs",) + (rest[1:] if rest[:1] == ("model",) else rest)
+    if head in ("params", "model"):
+        if head == "params" and rest[:1] == ("params",):
+            rest = rest[1:]
+        return (("rngs",) if "rngs" in rest else ("params",)) + rest
+    if head == "optimizer":
+        if rest[:1] == ("step",):
+            return ("step",) + rest[1:]
+        if rest[:1] == ("opt_state",):
+            return _opt_state(rest[1:])
+        return path
+    if head == "opt_state":
+        return _opt_state(rest)
+    return path
+
+
+def _layer_key(path: KeyPath) -> Optional[tuple[int, str, Optional[int], str]]:
+    """Find the first layer-stack key: (position, stack name, layer index or None, style)."""
+    for pos, key in enumerate(path[:-1] if len(path) > 1 else path):
+        m = _FAMILY_MEMBER.match(key)
+        if m:
+            return pos, m.group("stack"), int(m.group("index")), "layers_N"
+        if _STACK_NAME.match(key):
+            nxt = path[pos + 1] if pos + 1 < len(path) else None
+            if nxt is not None and nxt.isdigit():
+                return pos, key, int(nxt), "layers/N"
+            return pos, key, None, "stacked"
+    return None
+
+
+def _scan_axis(group: str, scan_axis: Optional[int], custom: Mapping[str, Any]) -> int:
+    if group == "rngs":
+        return NON_PARAM_SCAN_AXIS
+    if scan_axis is not None:
+        return scan_axis
+    meta_axis = custom.get("param_scan_axis", custom.get("scan_axis"))
+    return int(meta_axis) if isinstance(meta_axis, int) else DEFAULT_SCAN_AXIS
+
+
+def _canonical_chunk(info: ArrayInfo, axis: Optional[int]) -> Optional[tuple[int, ...]]:
+    if info.chunk_shape is None or axis is None:
+        return info.chunk_shape
+    c = list(info.chunk_shape)
+    return (c.pop(axis),) + tuple(c)
+
+
+def normalize(
+    ckpt: Checkpoint,
+    *,
+    layout: Union[str, Layout, None] = None,
+    rename: Sequence[tuple[str, str]] = (),
+    ignore: Sequence[str] = (),
+    ignore_rngs: bool = True,
+    scan_axis: Optional[int] = None,
+) -> NormalizedView:
+    """Detect `ckpt`'s layout and build its canonical view, from metadata alone."""
+    infos = ckpt.leaves()
+    facts = TreeFacts(tuple(infos), infos, ckpt.custom_metadata)
+    chosen = _resolve_layout(layout, facts, ckpt.name)
+    rules = tuple(chosen.rename) + tuple(rename)
+
+    renamed = {raw: _apply_renames(raw, rules) for raw in infos}
+    wrapped = bool(renamed) and all(p and p[-1] == "value" for p in renamed.values())
+    scanned_allowed = ckpt.custom_metadata.get("scan_layers", True) is not False
+
+    plain: dict[str, tuple[KeyPath, ArrayInfo, str]] = {}
+    stacked: dict[tuple[str, ...], list[tuple[str, KeyPath, ArrayInfo, str]]] = defaultdict(list)
+    families: dict[str, dict[int, tuple[KeyPath, ArrayInfo]]] = defaultdict(dict)
+    family_meta: dict[str, tuple[str, str]] = {}
+    forms: set[str] = set()
+
+    def add_plain(cpath: str, raw: KeyPath, info: ArrayInfo, group: str) -> None:
+        if cpath in plain:  # two raw leaves fold onto one canonical path: keep both visible
+            cpath = f"{cpath}@{path_str(raw)}"
+        plain[cpath] = (raw, info, group)
+
+    for raw, info in infos.items():
+        path = renamed[raw]
+        if wrapped:
+            path = path[:-1]
+        cpath = canonical_path(path)
+        group = cpath[0] if cpath else ""
+        found = _layer_key(cpath)
+        if found is None:
+            add_plain(path_str(cpath), raw, info, group)
+            continue
+        pos, stack, layer, style = found
+        if style == "stacked":
+            if not scanned_allowed:
+                add_plain(path_str(cpath), raw, info, group)
+                continue
+            stacked[(group,) + cpath[: pos + 1]].append((path_str(cpath), raw, info, group))
+            continue
+        drop = 2 if style == "layers/N" else 1
+        folded = path_str(cpath[:pos] + (stack,) + cpath[pos + drop :])
+        families[folded][layer] = (raw, info)
+        family_meta[folded] = (group, style)
+
+    leaves: dict[str, LogicalLeaf] = {}
+
+    # Stacked tensors: layered only if every leaf of the stack agrees on the layer count.
+    for key, members in stacked.items():
+        axis = _scan_axis(key[0], scan_axis, ckpt.custom_metadata)
+        counts = {info.shape[axis] if len(info.shape) > axis else None for _, _, info, _ in members}
+        if len(counts) != 1 or None in counts:
+            for cpath, raw, info, group in members:
+                add_plain(cpath, raw, info, group)
+            continue
+        (n_layers,) = counts
+        forms.add(f"scanned on axis {axis}" if key[0] != "rngs" else "")
+        for cpath, raw, info, group in members:
+            shape = list(info.shape)
+            layer_dim = shape.pop(axis)
+            leaves[cpath] = LogicalLeaf(
+                cpath, group, (layer_dim, *shape), info.dtype, Storage(raw=raw, axis=axis),
+                layers=n_layers, chunk_shape=_canonical_chunk(info, axis), note=info.note,
+            )
+
+    # Families: layered when layers 0..L-1 are all there with one shape and dtype.
+    for cpath, members in families.items():
+        group, style = family_meta[cpath]
+        ordered = [members.get(i) for i in range(len(members))]
+        kinds = {(m[1].shape, m[1].dtype) for m in ordered if m is not None}
+        if any(m is None for m in ordered) or len(kinds) != 1:
+            for raw, info in members.values():
+                add_plain(path_str(canonical_path(renamed[raw][:-1] if wrapped else renamed[raw])), raw, info, group)
+            continue
+        info0 = ordered[0][1]
+        forms.add("layers as layers_N" if style == "layers_N" else "layers as integer keys")
+        leaves[cpath] = LogicalLeaf(
+            cpath, group, (len(ordered), *info0.shape), info0.dtype,
+            Storage(per_layer=tuple(m[0] for m in ordered), family_style=style),
+            layers=len(ordered),
+            chunk_shape=(1, *info0.chunk_shape) if info0.chunk_shape is not None else None,
+            note=info0.note,
+        )
+
+    for cpath, (raw, info, group) in plain.items():
+        leaves[cpath] = LogicalLeaf(cpath, group, info.shape, info.dtype, Storage(raw=raw), chunk_shape=info.chunk_shape, note=info.note)
+
+    ignore_globs = tuple(chosen.ignore) + tuple(ignore) + (("rngs",) if ignore_rngs else ())
+    kept = {p: l for p, l in sorted(leaves.items()) if not any_match(p, ignore_globs)}
+    dropped = {p: l for p, l in sorted(leaves.items()) if p not in kept}
+    if not forms and chosen.name not in ("generic",):
+        forms.add("no layer stacks")
+    return NormalizedView(ckpt, chosen, kept, dropped, tuple(sorted(f for f in forms if f)))
+
+
+__all__: Iterable[str] = (
+    "Layout", "LogicalLeaf", "NormalizedView", "TreeFacts", "BUILTIN_LAYOUTS",
+    "register_layout", "unregister_layout", "known_layouts", "normalize", "canonical_path",
+)

@@ -1,0 +1,471 @@
+"""Open a checkpoint lazily: metadata first, array data only on demand.
+
+Two kinds of source, one interface (`Checkpoint`):
+
+- `OrbaxCheckpoint` reads an orbax folder directly: the tree from orbax's `_METADATA` JSON,
+  shapes/dtypes/chunks from each array's zarr metadata, data through tensorstore. It never
+  imports jax or orbax (about 1.4 s of import here) and never opens anything for writing.
+- `InMemoryCheckpoint` wraps a live tree (dicts, lists, TrainState, nnx.State, nnx.Module,
+  jax/numpy arrays). jax is imported only when the tree holds jax or flax objects.
+
+Paths are tuples of str keys exactly as orbax names them; the normalizer maps them further.
+Nothing here is loaded with pickle or msgpack: both can run code, so such files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from pytest_ckptparity._model import ArrayInfo
+from pytest_ckptparity._paths import KeyPath, path_str
+from pytest_ckptparity.errors import CkptParityUsageError
+
+_TMP_MARK = ".orbax-checkpoint-tmp"
+_STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
+_CODE_RUNNING_SUFFIXES = (".pkl", ".pickle", ".msgpack", ".npz", ".pt", ".pth", ".bin", ".joblib")
+_ITEM_PREFERENCE = ("items", "state", "default", "params")
+_EXPECTED = (
+    "an orbax checkpoint folder (a CheckpointManager root, a step folder, an item folder "
+    "such as <step>/items, or a folder written by PyTreeCheckpointer().save)"
+)
+
+
+class Pending:
+    """A read in flight. `result()` gives the numpy array; `nbytes` is known up front."""
+
+    __slots__ = ("_get", "nbytes")
+
+    def __init__(self, get: Callable[[], Any], nbytes: int) -> None:
+        self._get = get
+        self.nbytes = nbytes
+
+    def result(self) -> Any:
+        return self._get()
+
+
+class Checkpoint:
+    """One side of a comparison: a tree of leaves with metadata, read lazily."""
+
+    name: str = "A"
+    location: str = "<tree>"
+    custom_metadata: Mapping[str, Any] = {}
+
+    def leaves(self) -> dict[KeyPath, ArrayInfo]:
+        """Every leaf's path and metadata, without reading array data."""
+        raise NotImplementedError
+
+    def read(self, path: KeyPath, index: Optional[tuple] = None) -> Pending:
+        """Start reading one leaf, or the slice `index` of it."""
+        raise NotImplementedError
+
+    def with_name(self, name: str) -> "Checkpoint":
+        self.name = name
+        return self
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}: {self.location}>"
+
+
+# --------------------------------------------------------------------------------------
+# Finding the item folder
+# --------------------------------------------------------------------------------------
+
+
+def _usage(side: str, path: Any, what: str) -> CkptParityUsageError:
+    return CkptParityUsageError(f"{side}: {what}", path=path)
+
+
+def _is_committed_step(d: Path) -> bool:
+    return _TMP_MARK not in d.name and (d / "commit_success.txt").is_file()
+
+
+def _list_dir(side: str, p: Path) -> list[Path]:
+    try:
+        return sorted(p.iterdir())
+    except PermissionError:
+        raise _usage(side, p, f"permission denied reading '{p}'; make it readable (read and execute) for this user.") from None
+    except OSError as e:
+        raise _usage(side, p, f"cannot list '{p}' ({e.strerror}); check the path and the file system.") from None
+
+
+def _item_subfolder(side: str, step_dir: Path) -> Optional[Path]:
+    items = [c for c in _list_dir(side, step_dir) if c.is_dir() and (c / "_METADATA").is_file()]
+    if not items:
+        return None
+    for preferred in _ITEM_PREFERENCE:
+        for c in items:
+            if c.name == preferred:
+                return c
+    if len(items) == 1:
+        return items[0]
+    names = ", ".join(c.name for c in items)
+    raise _usage(side, step_dir, f"step folder '{step_dir}' holds several items ({names}); point at the one to compare, e.g. '{items[0]}'.")
+
+
+def _refuse_if_code_file(side: str, p: Path) -> None:
+    if p.suffix.lower() in _CODE_RUNNING_SUFFIXES or p.name == "checkpoint":
+        raise _usage(
+            side, p,
+            f"refusing '{p}': pickle, msgpack and similar files can run code or are not orbax "
+            f"checkpoints, and are never loaded; pass {_EXPECTED}.",
+        )
+
+
+def _steps(side: str, root: Path) -> tuple[dict[int, Path], list[Path]]:
+    committed: dict[int, Path] = {}
+    unfinished: list[Path] = []
+    for c in _list_dir(side, root):
+        if not c.is_dir():
+            continue
+        if _TMP_MARK in c.name:
+            unfinished.append(c)
+            continue
+        m = _STEP_NAME.match(c.name)
+        if not m:
+            continue
+        if _is_committed_step(c):
+            committed[int(m.group(1))] = c
+        elif (c / "_CHECKPOINT_METADATA").is_file() or _item_subfolder(side, c):
+            unfinished.append(c)
+    return committed, unfinished
+
+
+def locate_item_folder(path: os.PathLike | str, *, step: Optional[int] = None, side: str = "A") -> tuple[Path, Optional[Path]]:
+    """Resolve what a user pointed at to (item folder, step folder or None)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise _usage(side, p, f"checkpoint path '{p}' does not exist; pass {_EXPECTED}.")
+    if not os.access(p, os.R_OK):
+        raise _usage(side, p, f"permission denied reading '{p}'; make it readable for this user.")
+    if p.is_file():
+        _refuse_if_code_file(side, p)
+        raise _usage(side, p, f"'{p}' is a file, not a checkpoint folder; pass {_EXPECTED}.")
+    if not os.access(p, os.X_OK):
+        raise _usage(side, p, f"permission denied entering folder '{p}'; make it readable (read and execute) for this user.")
+
+    if _TMP_MARK in p.name:
+        raise _usage(side, p, f"'{p}' is an unfinished orbax checkpoint (a temporary folder still being written); wait for the save to finish or pick a committed step.")
+
+    if (p / "_METADATA").is_file():
+        step_dir = p.parent if (p.parent / "_CHECKPOINT_METADATA").is_file() else None
+        if step is not None and step_dir is None:
+            raise _usage(side, p, f"step={step} was given but '{p}' is a single checkpoint, not a CheckpointManager root; drop the step or point at the root.")
+        marked = (p / "commit_success.txt").is_file() or (step_dir is not None and (step_dir / "commit_success.txt").is_file())
+        if not marked:
+            raise _usage(side, p, f"'{p}' is an unfinished orbax checkpoint (no commit_success.txt); wait for the save to finish or pick a committed step.")
+        return p, step_dir
+
+    item = _item_subfolder(side, p) if (p / "_CHECKPOINT_METADATA").is_file() else None
+    if item is not None:
+        if step is not None:
+            raise _usage(side, p, f"step={step} was given but '{p}' is a step folder; point at the CheckpointManager root to choose a step.")
+        if not (p / "commit_success.txt").is_file():
+            raise _usage(side, p, f"'{p}' is an unfinished orbax checkpoint (no commit_success.txt); wait for the save to finish or pick a committed step.")
+        return item, p
+
+    committed, unfinished = _steps(side, p)
+    if committed:
+        if step is None:
+            step = max(committed)
+        if step not in committed:
+            listed = ", ".join(str(s) for s in sorted(committed))
+            raise _usage(side, p, f"step {step} is not a committed step of '{p}' (committed steps: {listed}); pass one of those.")
+        step_dir = committed[step]
+        item = _item_subfolder(side, step_dir)
+        if item is None:
+            raise _usage(side, step_dir, f"step folder '{step_dir}' holds no item folder with _METADATA; the checkpoint is incomplete or damaged.")
+        return item, step_dir
+    if unfinished:
+        names = ", ".join(u.name for u in unfinished[:3])
+        raise _usage(side, p, f"'{p}' holds no committed step (only unfinished ones: {names}); wait for a save to finish.")
+
+    children = _list_dir(side, p)
+    for c in children:
+        if c.is_file():
+            _refuse_if_code_file(side, c)
+    if not children:
+        raise _usage(side, p, f"'{p}' is an empty folder; pass {_EXPECTED}.")
+    raise _usage(side, p, f"'{p}' is not an orbax checkpoint (no _METADATA, step folders or items found); pass {_EXPECTED}.")
+
+
+# --------------------------------------------------------------------------------------
+# Orbax folders
+# --------------------------------------------------------------------------------------
+
+
+def _read_json(side: str, f: Path, what: str) -> Any:
+    try:
+        return json.loads(f.read_text())
+    except PermissionError:
+        raise _usage(side, f, f"permission denied reading '{f}'; make it readable for this user.") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise _usage(side, f, f"'{f}' is not valid {what} ({type(e).__name__}); the checkpoint is damaged: re-save it or pick another step.") from None
+
+
+def _parse_tree_metadata(side: str, meta_file: Path, meta: Any) -> list[tuple[KeyPath, str]]:
+    """(path, value_type) for every stored leaf, from orbax's `_METADATA`."""
+    try:
+        tree = meta["tree_metadata"]
+        out = []
+        for entry in tree.values():
+            vm = entry["value_metadata"]
+            if vm.get("skip_deserialize"):
+                continue  # None, empty dict or list: nothing stored
+            keys = tuple(str(k["key"]) for k in entry["key_metadata"])
+            out.append((keys, str(vm.get("value_type", ""))))
+        return out
+    except (KeyError, TypeError, AttributeError):
+        raise _usage(side, meta_file, f"'{meta_file}' is not orbax tree metadata this tool understands (no tree_metadata entries); re-save the checkpoint with orbax-checkpoint >= 0.5.") from None
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).split("[tensorstore_spec", 1)[0].strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+class OrbaxCheckpoint(Checkpoint):
+    """An orbax item folder, read through tensorstore only."""
+
+    def __init__(self, path: os.PathLike | str, *, step: Optional[int] = None, name: str = "A") -> None:
+        self.name = name
+        self.requested = Path(path)
+        self.item_dir, self.step_dir = locate_item_folder(path, step=step, side=name)
+        self.location = str(self.item_dir)
+        meta_file = self.item_dir / "_METADATA"
+        meta = _read_json(name, meta_file, "orbax metadata (_METADATA)")
+        if not isinstance(meta, dict):
+            raise _usage(name, meta_file, f"'{meta_file}' is not orbax tree metadata; the checkpoint is damaged: re-save it or pick another step.")
+        self._entries = _parse_tree_metadata(name, meta_file, meta)
+        self.use_ocdbt = bool(meta.get("use_ocdbt", True))
+        self.use_zarr3 = bool(meta.get("use_zarr3", False))
+        custom: dict[str, Any] = {}
+        if self.step_dir is not None and (self.step_dir / "_CHECKPOINT_METADATA").is_file():
+            step_meta = _read_json(name, self.step_dir / "_CHECKPOINT_METADATA", "orbax step metadata")
+            custom.update((step_meta or {}).get("custom_metadata") or {})
+        custom.update(meta.get("custom_metadata") or {})
+        self.custom_metadata = custom
+        self._infos: Optional[dict[KeyPath, ArrayInfo]] = None
+        self._arrays: dict[KeyPath, Any] = {}
+        self._strings: Optional[dict[str, str]] = None
+        self._context: Any = None
+
+    # -- metadata ----------------------------------------------------------------------
+    def _spec(self, param: str) -> dict[str, Any]:
+        base = os.path.abspath(self.item_dir)
+        if self.use_ocdbt:
+            kv: dict[str, Any] = {"driver": "ocdbt", "base": f"file://{base}", "path": param}
+        else:
+            kv = {"driver": "file", "path": os.path.join(base, param)}
+        return {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False, "recheck_cached_metadata": False}
+
+    def _key_notes(self) -> dict[str, str]:
+        """PRNG key impls recorded by orbax in array_metadatas (typed keys are saved as key data)."""
+        notes: dict[str, str] = {}
+        folder = self.item_dir / "array_metadatas"
+        if not folder.is_dir():
+            return notes
+        for f in folder.iterdir():
+            try:
+                data = json.loads(f.read_text())
+                for entry in data.get("array_metadatas", []):
+                    am = entry.get("array_metadata", {})
+                    impl = (am.get("ext_metadata") or {}).get("random_key_impl")
+                    if impl:
+                        notes[am.get("param_name", "")] = f"PRNG key data ({impl})"
+            except (OSError, ValueError, AttributeError):
+                continue  # optional metadata: a damaged file only loses the note
+        return notes
+
+    def leaves(self) -> dict[KeyPath, ArrayInfo]:
+        if self._infos is not None:
+            return self._infos
+        import tensorstore as ts
+
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        key_notes = self._key_notes()
+        opening = []
+        infos: dict[KeyPath, ArrayInfo] = {}
+        for keys, value_type in self._entries:
+            if value_type == "string":
+                infos[keys] = ArrayInfo(shape=(), dtype="str")
+                continue
+            param = ".".join(keys)
+            fut = ts.open(self._spec(param), open=True, read=True, context=self._context)
+            opening.append((keys, param, fut))
+        for keys, param, fut in opening:
+            try:
+                arr = fut.result()
+            except Exception as e:  # tensorstore raises ValueError with a status text
+                missing = "NOT_FOUND" in str(e) or "does not exist" in str(e)
+                what = "has no data" if missing else f"cannot be opened ({_short(e)})"
+                raise _usage(self.name, self.item_dir, f"array '{param}' listed in '{self.item_dir / '_METADATA'}' {what}; the checkpoint is incomplete or damaged: re-save it or pick another step.") from None
+            self._arrays[keys] = arr
+            chunk = arr.chunk_layout.read_chunk.shape
+            infos[keys] = ArrayInfo(
+                shape=tuple(int(d) for d in arr.shape),
+                dtype=arr.dtype.numpy_dtype.name,
+                chunk_shape=tuple(int(d) for d in chunk) if chunk is not None else None,
+                note=key_notes.get(param, ""),
+            )
+        self._infos = dict(sorted(infos.items()))
+        return self._infos
+
+    # -- data --------------------------------------------------------------------------
+    def _string(self, keys: KeyPath) -> str:
+        if self._strings is None:
+            f = self.item_dir / "_strings.json"
+            self._strings = _read_json(self.name, f, "orbax string storage (_strings.json)") if f.is_file() else {}
+        name = ".".join(keys)
+        if name not in self._strings:
+            raise _usage(self.name, self.item_dir, f"string leaf '{name}' listed in _METADATA is missing from _strings.json; the checkpoint is damaged.")
+        return self._strings[name]
+
+    def read(self, path: KeyPath, index: Optional[tuple] = None) -> Pending:
+        info = self.leaves()[path]
+        if info.dtype == "str":
+            value = self._string(path)
+            return Pending(lambda: value, len(value))
+        arr = self._arrays[path]
+        view = arr[index] if index else arr
+        nbytes = int(view.dtype.numpy_dtype.itemsize)
+        for d in view.shape:
+            nbytes *= int(d)
+        fut = view.read()
+        side, item, param = self.name, self.item_dir, ".".join(path)
+
+        def get() -> Any:
+            try:
+                return fut.result()
+            except Exception as e:
+                raise _usage(side, item, f"could not read array '{param}' from '{item}' ({_short(e)}); its data is truncated or corrupt: re-save the checkpoint or pick another step.") from None
+
+        return Pending(get, nbytes)
+
+
+# --------------------------------------------------------------------------------------
+# In-memory trees
+# --------------------------------------------------------------------------------------
+
+_PLAIN_LEAF_TYPES = (bool, int, float, complex, str)
+
+
+def _is_plain_tree(obj: Any) -> bool:
+    """True when the tree holds only dicts, lists, tuples, numpy values and Python scalars."""
+    import numpy as np
+
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Mapping):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+            stack.extend(x)
+        elif x is None or isinstance(x, (np.ndarray, np.generic) + _PLAIN_LEAF_TYPES):
+            continue
+        else:
+            return False
+    return True
+
+
+def _flatten_plain(obj: Any, prefix: KeyPath = ()) -> Iterable[tuple[KeyPath, Any]]:
+    if isinstance(obj, Mapping):
+        for k in obj:
+            yield from _flatten_plain(obj[k], prefix + (str(k),))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flatten_plain(v, prefix + (str(i),))
+    elif obj is not None:
+        yield prefix, obj
+
+
+def _jax_key_name(k: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flatten_jax(obj: Any) -> Iterable[tuple[KeyPath, Any]]:
+    import jax
+
+    try:
+        from flax import nnx
+
+        if isinstance(obj, nnx.Module):
+            obj = nnx.state(obj)
+    except ImportError:  # pragma: no cover - flax is a dependency, but stay usable without it
+        pass
+    leaves, _ = jax.tree_util.tree_flatten_with_path(obj)
+    for keypath, leaf in leaves:
+        yield tuple(_jax_key_name(k) for k in keypath), leaf
+
+
+def _as_numpy_leaf(side: str, path: KeyPath, leaf: Any) -> tuple[Any, str]:
+    """(numpy array or str, note). Typed PRNG keys become their uint32 key data."""
+    import numpy as np
+
+    if isinstance(leaf, str):
+        return leaf, ""
+    note = ""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and "key<" in str(dtype):
+        import jax
+
+        impl = str(dtype)
+        leaf = jax.random.key_data(leaf)
+        note = f"PRNG key data ({impl})"
+    try:
+        arr = np.asarray(leaf)
+    except Exception as e:
+        raise CkptParityUsageError(f"{side}: leaf '{path_str(path)}' of the in-memory tree is a {type(leaf).__name__}, which cannot be compared as an array ({e}); pass arrays, scalars or strings.") from None
+    if arr.dtype == object:
+        raise CkptParityUsageError(f"{side}: leaf '{path_str(path)}' of the in-memory tree is a {type(leaf).__name__}, not an array, scalar or string; convert it or exclude it.")
+    return arr, note
+
+
+class InMemoryCheckpoint(Checkpoint):
+    """A live tree. Leaves are converted to numpy when read, not before."""
+
+    def __init__(self, tree: Any, *, name: str = "A") -> None:
+        self.name = name
+        self.location = f"<in-memory {type(tree).__name__}>"
+        self.custom_metadata = {}
+        pairs = _flatten_plain(tree) if _is_plain_tree(tree) else _flatten_jax(tree)
+        self._leaves: dict[KeyPath, Any] = {}
+        infos: dict[KeyPath, ArrayInfo] = {}
+        for path, leaf in pairs:
+            value, note = _as_numpy_leaf(name, path, leaf)
+            self._leaves[path] = value
+            if isinstance(value, str):
+                infos[path] = ArrayInfo(shape=(), dtype="str")
+            else:
+                infos[path] = ArrayInfo(shape=tuple(value.shape), dtype=value.dtype.name, chunk_shape=tuple(value.shape), note=note)
+        self._infos = dict(sorted(infos.items()))
+
+    def leaves(self) -> dict[KeyPath, ArrayInfo]:
+        return self._infos
+
+    def read(self, path: KeyPath, index: Optional[tuple] = None) -> Pending:
+        value = self._leaves[path]
+        if isinstance(value, str):
+            return Pending(lambda: value, len(value))
+        view = value[index] if index else value
+        return Pending(lambda: view, int(view.nbytes))
+
+
+def open_checkpoint(obj: Any, *, step: Optional[int] = None, name: str = "A") -> Checkpoint:
+    """Open a path (orbax folder) or wrap an in-memory tree; an opened Checkpoint passes through."""
+    if isinstance(obj, Checkpoint):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return OrbaxCheckpoint(obj, step=step, name=name)
+    if isinstance(obj, bytes):
+        raise CkptParityUsageError(f"{name}: raw bytes are not a checkpoint (nothing serialized is ever deserialized); pass a path or an in-memory tree.")
+    return InMemoryCheckpoint(obj, name=name)
+
+
+__all__: Sequence[str] = ("Checkpoint", "OrbaxCheckpoint", "InMemoryCheckpoint", "Pending", "open_checkpoint", "locate_item_folder")
