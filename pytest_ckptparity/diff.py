@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -345,7 +345,7 @@ def diff_views(
         la, lb = va.leaves.get(path), vb.leaves.get(path)
         done, cast_to, notes = _structural(path, la, lb, opts)
         if done is not None:
-            results[pos] = done
+            results[pos] = replace(done, layer_range=layer_range) if done.layers is not None else done
             continue
         if not opts.compare_values:
             results[pos] = LeafResult(path, None, shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype, layers=la.layers, layer_range=layer_range, notes=notes)

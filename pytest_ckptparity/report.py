@@ -67,7 +67,7 @@ def describe_mismatch(r: LeafResult, names: tuple[str, str] = ("A", "B")) -> str
     elif r.kind == "shape":
         text = f"shape {tuple(r.shape_a)} vs {tuple(r.shape_b)}"
     elif r.kind == "dtype":
-        text = f"dtype {r.dtype_a} vs {r.dtype_b} (dtype_policy='strict'; use 'cast' to compare values)"
+        text = f"dtype {r.dtype_a} vs {r.dtype_b} (dtype_policy='cast' compares the values)"
     else:
         text = f"present in {na if r.kind == 'only in A' else nb} only"
     if r.notes:

@@ -1,0 +1,74 @@
+"""Generated test items: one per subtree of the `--ckpt-a` / `--ckpt-b` comparison.
+
+Items come from metadata only and are sorted, so every xdist worker collects the same list;
+each item reads only the arrays of its own subtree when it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+
+from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
+
+SUITE_NAME = "ckpt-parity"
+
+
+class CkptParitySuite(pytest.Collector):
+    """The parent of the generated items (ids read `ckpt-parity::params/decoder/layers[3]`)."""
+
+    def collect(self) -> list[pytest.Item]:  # items are made by `make_items`, not collected
+        return []
+
+    def reportinfo(self) -> tuple[Any, Optional[int], str]:
+        return self.config.rootpath / SUITE_NAME, None, SUITE_NAME
+
+
+class CkptParityItem(pytest.Item):
+    def __init__(self, *, comparison: Any, selection: list, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.comparison = comparison
+        self.selection = selection
+
+    def runtest(self) -> None:
+        report = self.comparison.run(self.selection)
+        totals = report.totals()
+        worst = report.worst()
+        self.user_properties.extend([
+            ("ckpt_leaves", totals["leaves_compared"]),
+            ("ckpt_mismatched", totals["leaves_mismatched"]),
+            ("ckpt_bytes_read", totals["bytes_read"]),
+            ("ckpt_wall_time_s", totals["wall_time_s"]),
+        ])
+        if worst is not None and worst.stats is not None:
+            self.user_properties.append(("ckpt_max_abs_diff", worst.stats.max_abs))
+        if not report.passed:
+            from pytest_ckptparity.report import render_plain
+
+            raise CkptParityError(render_plain(report, None), report)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, CkptParityError):
+            from pytest_ckptparity.plugin import render_for
+
+            return render_for(self.config, excinfo.value.report)
+        if isinstance(excinfo.value, CkptParityUsageError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self) -> tuple[Any, Optional[int], str]:
+        # A path under rootdir makes pytest print the location as `ckpt-parity`.
+        return self.config.rootpath / SUITE_NAME, None, f"{SUITE_NAME}::{self.name}"
+
+
+def make_items(session: pytest.Session, comparison: Any, split: str) -> list[pytest.Item]:
+    suite = CkptParitySuite.from_parent(session, name=SUITE_NAME, nodeid=SUITE_NAME)
+    items: list[pytest.Item] = []
+    for name, selection in comparison.split(split):
+        item = CkptParityItem.from_parent(suite, name=name, comparison=comparison, selection=selection)
+        items.append(item)
+        session.ihook.pytest_itemcollected(item=item)
+    # The terminal reporter counts collected items from collect reports ("collected N items").
+    session.ihook.pytest_collectreport(report=pytest.CollectReport(suite.nodeid, "passed", None, items))
+    return items
