@@ -196,13 +196,14 @@ def compare_block(
         else:
             x = pa.astype(np.float64)
             y = pb.astype(np.float64)
+            finite = np.isfinite(x) & np.isfinite(y)
             with np.errstate(invalid="ignore", over="ignore"):
                 d = np.abs(x - y)
-                ok = (d <= tol.atol + tol.rtol * np.abs(y)) | (x == y)
+                # Tolerance applies to finite pairs only: inf - (-inf) is within rtol*inf.
+                ok = (finite & (d <= tol.atol + tol.rtol * np.abs(y))) | (x == y)
             if equal_nan:
                 ok |= np.isnan(x) & np.isnan(y)
             bad = ~ok
-            finite = np.isfinite(x) & np.isfinite(y)
             finite_bad = bad & finite
             acc.n_nonfinite += int(np.count_nonzero(bad & ~finite))
             d = np.where(finite, d, 0.0)
@@ -319,9 +320,10 @@ def _structural(path: str, la: Optional[LogicalLeaf], lb: Optional[LogicalLeaf],
 
 def scoped_paths(va: NormalizedView, vb: NormalizedView, opts: CompareOptions) -> tuple[list[str], int]:
     """Canonical paths to compare (sorted) and how many were left out."""
-    union = sorted(set(va.leaves) | set(vb.leaves))
+    ignored = set(va.ignored) | set(vb.ignored)  # ignored on either side: compared on neither
+    union = sorted((set(va.leaves) | set(vb.leaves)) - ignored)
     kept = [p for p in union if in_scope(p, opts.include, opts.exclude)]
-    left_out = len(union) - len(kept) + len(set(va.ignored) | set(vb.ignored))
+    left_out = len(union) - len(kept) + len(ignored)
     return kept, left_out
 
 

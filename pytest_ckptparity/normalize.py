@@ -3,7 +3,8 @@
 The canonical form has top-level groups `params`, `opt_state`, `step`, `rngs` (anything else
 keeps its own name). One general rule set does the mapping, whatever layout wrote the tree:
 
-1. user and layout rename rules (regular expressions over the raw '/'-joined path);
+1. user rename rules (regular expressions over the raw '/'-joined path), then detection,
+   then the detected layout's own rename rules;
 2. `value` wrappers are stripped when every leaf ends in `value` (NNX state saved as is);
    only the last key goes, so a weight really named `value` survives;
 3. group rules: `params/params/X`, `params/X`, `model/X` -> `params/X`; NNX-only state
@@ -70,7 +71,7 @@ class Layout:
 
     `detect(facts)` decides from metadata alone. `rename` holds (regex, replacement) pairs
     applied with `re.sub` to the raw '/'-joined path before the general rules; `ignore`
-    holds globs over canonical paths that are left out of the comparison.
+    holds globs over canonical paths that are left out of the comparison (on both sides).
     """
 
     name: str
@@ -78,6 +79,7 @@ class Layout:
     detect: Callable[[TreeFacts], bool] = lambda facts: False
     rename: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
+    canonical: bool = True  # False: no wrapper, group or layer rules (the tree as it is)
 
 
 def _is_decode(f: TreeFacts) -> bool:
@@ -87,12 +89,12 @@ def _is_decode(f: TreeFacts) -> bool:
 BUILTIN_LAYOUTS: tuple[Layout, ...] = (
     Layout("maxtext_nnx", "MaxText Linen-compatible NNX state (with nnx_aux)", lambda f: "nnx_aux" in f.top),
     Layout("lora", "LoRA adapter tree", lambda f: any("lora" in k for p in f.paths for k in p) and not f.has_prefix("model")),
-    Layout("linen", "Linen TrainState", lambda f: f.has_prefix("params", "params")),
+    Layout("linen", "Linen TrainState", lambda f: f.has_prefix("params", "params") or ("params" in f.top and bool(f.top & {"opt_state", "step"}))),
     Layout("nnx_wrapped", "NNX state with value wrappers", lambda f: "model" in f.top and f.wrapped),
     Layout("nnx_pure", "NNX pure dict", lambda f: "model" in f.top and not f.wrapped),
     Layout("decode", "parameter-only decode checkpoint", _is_decode, rename=((r"^", "params/"),)),
     Layout("params", "parameter tree", lambda f: f.top == {"params"}),
-    Layout("generic", "generic tree (compared as it is)", lambda f: True),
+    Layout("generic", "generic tree (compared as it is)", lambda f: True, canonical=False),
 )
 
 _registry: list[Layout] = []
@@ -294,11 +296,15 @@ def normalize(
 ) -> NormalizedView:
     """Detect `ckpt`'s layout and build its canonical view, from metadata alone."""
     infos = ckpt.leaves()
-    facts = TreeFacts(tuple(infos), infos, ckpt.custom_metadata)
+    # User renames come first, so a renamed tree is detected and normalized like any other.
+    user_renamed = {raw: _apply_renames(raw, rename) for raw in infos}
+    facts = TreeFacts(tuple(user_renamed.values()), {user_renamed[r]: i for r, i in infos.items()}, ckpt.custom_metadata)
     chosen = _resolve_layout(layout, facts, ckpt.name)
-    rules = tuple(chosen.rename) + tuple(rename)
-
-    renamed = {raw: _apply_renames(raw, rules) for raw in infos}
+    renamed = {raw: _apply_renames(p, chosen.rename) for raw, p in user_renamed.items()}
+    if not chosen.canonical:
+        leaves = {path_str(p): LogicalLeaf(path_str(p), p[0] if p else "", infos[raw].shape, infos[raw].dtype, Storage(raw=raw), chunk_shape=infos[raw].chunk_shape, note=infos[raw].note) for raw, p in renamed.items()}
+        kept = {p: l for p, l in sorted(leaves.items()) if not any_match(p, tuple(chosen.ignore) + tuple(ignore))}
+        return NormalizedView(ckpt, chosen, kept, {p: l for p, l in leaves.items() if p not in kept})
     wrapped = bool(renamed) and all(p and p[-1] == "value" for p in renamed.values())
     scanned_allowed = ckpt.custom_metadata.get("scan_layers", True) is not False
 
@@ -380,7 +386,7 @@ def normalize(
     ignore_globs = tuple(chosen.ignore) + tuple(ignore) + (("rngs",) if ignore_rngs else ())
     kept = {p: l for p, l in sorted(leaves.items()) if not any_match(p, ignore_globs)}
     dropped = {p: l for p, l in sorted(leaves.items()) if p not in kept}
-    if not forms and chosen.name not in ("generic",):
+    if not forms:
         forms.add("no layer stacks")
     return NormalizedView(ckpt, chosen, kept, dropped, tuple(sorted(f for f in forms if f)))
 

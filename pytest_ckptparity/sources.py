@@ -392,16 +392,18 @@ def _jax_key_name(k: Any) -> str:
 def _flatten_jax(obj: Any) -> Iterable[tuple[KeyPath, Any]]:
     import jax
 
+    prefix: KeyPath = ()
     try:
         from flax import nnx
 
         if isinstance(obj, nnx.Module):
-            obj = nnx.state(obj)
+            # A module is the model: its state is what TrainStateNNX saves under `model/`.
+            obj, prefix = nnx.state(obj), ("model",)
     except ImportError:  # pragma: no cover - flax is a dependency, but stay usable without it
         pass
     leaves, _ = jax.tree_util.tree_flatten_with_path(obj)
     for keypath, leaf in leaves:
-        yield tuple(_jax_key_name(k) for k in keypath), leaf
+        yield prefix + tuple(_jax_key_name(k) for k in keypath), leaf
 
 
 def _as_numpy_leaf(side: str, path: KeyPath, leaf: Any) -> tuple[Any, str]:

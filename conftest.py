@@ -1,0 +1,90 @@
+"""Shared fixtures: the real MaxText samples and variants written with flax + orbax.
+
+Variants are written once per test process (each xdist worker writes its own copy in its
+own temp dir), from one set of weights, in every layout the normalizer knows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+DATA = Path(__file__).parent / "tests" / "data"
+SAMPLES = ("maxtext_nnx_scan", "maxtext_nnx_noscan", "maxtext_decode_scan", "maxtext_decode_unroll")
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def samples() -> dict[str, str]:
+    """Paths of the MaxText-written sample checkpoints (CheckpointManager roots)."""
+    return {name: str(DATA / name) for name in SAMPLES}
+
+
+@pytest.fixture(scope="session")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One model (seed 0) written in every layout, with orbax, in several storage options."""
+    from pytest_ckptparity import examples as ex
+
+    root = tmp_path_factory.mktemp("variants")
+    p = ex.tiny_params(0)
+    return {
+        "linen_scan": ex.save(root / "linen_scan", ex.linen_train_state(p), step=7, custom_metadata={"scan_layers": True}),
+        "linen_noscan": ex.save(root / "linen_noscan", ex.linen_train_state(ex.unstack(p, "layers_N")), step=7),
+        "nnx_wrapped": ex.save(root / "nnx_wrapped", ex.nnx_state(ex.unstack(p, "int_keys"))),
+        "nnx_wrapped_scan": ex.save(root / "nnx_wrapped_scan", ex.nnx_state(p), zarr3=True),
+        "nnx_pure": ex.save(root / "nnx_pure", ex.nnx_state(ex.unstack(p, "layers_N"), wrapped=False), ocdbt=False),
+        "nnx_pure_intkeys": ex.save(root / "nnx_pure_intkeys", ex.nnx_state(ex.unstack(p, "int_keys"), wrapped=False), ocdbt=False, zarr3=True),
+        "maxtext": ex.save(root / "maxtext", ex.maxtext_linen_compatible(p), step=7, zarr3=True),
+        "decode_scan": ex.save(root / "decode_scan", ex.decode_params(p), step=0),
+        "decode_unroll": ex.save(root / "decode_unroll", ex.decode_params(ex.unstack(p, "layers_N")), step=0),
+    }
+
+
+def restore_tree(path: str) -> Any:
+    """Restore an orbax checkpoint item as nested dicts/lists of numpy arrays."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from pytest_ckptparity.sources import locate_item_folder
+
+    item, _ = locate_item_folder(path)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.restore(str(item))
+
+    def to_numpy(x: Any) -> Any:
+        if hasattr(x, "dtype") and "key<" in str(x.dtype):
+            return np.asarray(jax.random.key_data(x))
+        return np.array(x) if hasattr(x, "dtype") else x
+
+    return jax.tree_util.tree_map(to_numpy, tree)
+
+
+@pytest.fixture
+def edited(tmp_path: Path) -> Callable[..., str]:
+    """Restore a checkpoint with orbax, let `edit(tree)` change it, save it as a new one."""
+    from pytest_ckptparity import examples as ex
+
+    def make(src: str, edit: Callable[[Any], Any], name: str = "edited", **save_kw: Any) -> str:
+        tree = restore_tree(src)
+        tree = edit(tree) or tree
+        return ex.save(tmp_path / name, tree, **save_kw)
+
+    return make
+
+
+@pytest.fixture
+def copy_ckpt(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Copy a checkpoint folder so a test may damage it."""
+
+    def make(src: str, name: str = "copy") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return make
