@@ -88,3 +88,11 @@ def copy_ckpt(tmp_path: Path) -> Callable[[str, str], Path]:
         return dst
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The demo's checkpoints: Linen, the same model in NNX, and NNX with layer 1 drifted."""
+    from pytest_ckptparity.examples import write_examples
+
+    return write_examples(tmp_path_factory.mktemp("demo"))

@@ -58,10 +58,11 @@ class RunStats:
             return float(v) if isinstance(v, (int, float)) else float("inf")
 
         worst = max(bad, key=score) if bad else None
+        # A layered leaf split over per-layer items is one leaf: count distinct paths.
         return {
             "comparisons": self.comparisons,
-            "leaves_compared": len(self.leaves),
-            "leaves_mismatched": len(bad),
+            "leaves_compared": len({l["path"] for l in self.leaves}),
+            "leaves_mismatched": len({l["path"] for l in bad}),
             "bytes_read": sum(int(l.get("bytes_read") or 0) for l in self.leaves),
             "wall_time_s": round(self.wall_time, 6),
             "worst_leaf": worst["path"] if worst else None,

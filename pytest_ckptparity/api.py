@@ -140,6 +140,10 @@ class Comparison:
             normalize(self.checkpoints[0], layout=format_a, **kw),
             normalize(self.checkpoints[1], layout=format_b, **kw),
         )
+        # Explicit names win; otherwise an opened checkpoint (a fixture) keeps its own name.
+        for view, default, explicit in zip(self.views, ("A", "B"), (na, nb)):
+            if explicit != default:
+                view.display_name = explicit
 
     def run(self, selection: Optional[Iterable[Selection]] = None) -> ParityReport:
         report = diff_views(self.views[0], self.views[1], self.options, selection)

@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 class CkptParityError(AssertionError):
     """The checkpoints differ; `.report` holds every mismatch."""
 
+    __module__ = "pytest_ckptparity"  # tracebacks and pytest's short summary show the public name
+
     def __init__(self, message: str, report: "ParityReport") -> None:
         super().__init__(message)
         self.report = report
@@ -23,6 +25,8 @@ class CkptParityError(AssertionError):
 
 class CkptParityUsageError(Exception):
     """No verdict: a path, checkpoint or option is unusable. The message says what to do."""
+
+    __module__ = "pytest_ckptparity"
 
     def __init__(self, message: str, *, path: Any = None) -> None:
         super().__init__(message)

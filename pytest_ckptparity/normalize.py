@@ -178,10 +178,11 @@ class NormalizedView:
     leaves: dict[str, LogicalLeaf]
     ignored: dict[str, LogicalLeaf] = field(default_factory=dict)
     layer_forms: tuple[str, ...] = ()
+    display_name: str = ""  # the side's name in reports; defaults to the checkpoint's own
 
     @property
     def name(self) -> str:
-        return self.checkpoint.name
+        return self.display_name or self.checkpoint.name
 
     def describe(self) -> str:
         parts = [self.layout.label]

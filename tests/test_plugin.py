@@ -1,0 +1,177 @@
+"""The pytest surface, through real pytest subprocess runs (pytester), with and without xdist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+XDIST = [pytest.param([], id="no-xdist"), pytest.param(["-n", "2"], id="n2")]
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args)
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_generated_items_pass_in_an_empty_folder(pytester, samples, xdist):
+    result = run(pytester, f"--ckpt-a={samples['maxtext_decode_scan']}", f"--ckpt-b={samples['maxtext_decode_unroll']}", "-rA", *xdist)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines_random([
+        "*= checkpoint parity =*", "leaves compared: 12  mismatched: 0  comparisons: 4",
+        "PASSED ckpt-parity::params/decoder", "PASSED ckpt-parity::params/decoder/layers[[]0[]]",
+        "PASSED ckpt-parity::params/decoder/layers[[]1[]]", "PASSED ckpt-parity::params/token_embedder", "*4 passed*",
+    ])
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_a_drifted_layer_fails_its_own_item_with_the_report(pytester, demo_ckpts, xdist):
+    result = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", *xdist)
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([
+        "*checkpoint parity failed: 1 of 9 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (values)*",
+        "*worst at [[]layer 1[]] index (3, 5): A=-0.30144 B=0.19856*",
+        "leaves compared: 39  mismatched: 2  comparisons: 13",
+        "worst leaf: params/decoder/layers/mlp/wi_0/kernel (values)",
+        "FAILED ckpt-parity::opt_state/0/mu/decoder/layers[[]1[]]*",
+        "FAILED ckpt-parity::params/decoder/layers[[]1[]]*",
+        "*2 failed, 11 passed*",
+    ])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_collection_is_deterministic_and_split_granularity(pytester, demo_ckpts):
+    args = (f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx']}", "--collect-only", "-q")
+    ids = [l for l in run(pytester, *args).stdout.lines if l.startswith("ckpt-parity::")]
+    assert ids == [l for l in run(pytester, *args, "-n", "2").stdout.lines if l.startswith("ckpt-parity::")]
+    assert ids[:4] == ["ckpt-parity::opt_state/0/count", "ckpt-parity::opt_state/0/mu", "ckpt-parity::opt_state/0/mu/decoder/layers[0]", "ckpt-parity::opt_state/0/mu/decoder/layers[1]"]
+    assert ids[-4:] == ["ckpt-parity::params/decoder/layers[0]", "ckpt-parity::params/decoder/layers[1]", "ckpt-parity::params/token_embedder", "ckpt-parity::step"]
+    assert len(ids) == 13
+    group = [l for l in run(pytester, *args, "--ckpt-split=group").stdout.lines if l.startswith("ckpt-parity::")]
+    assert group == ["ckpt-parity::opt_state/0", "ckpt-parity::opt_state/2", "ckpt-parity::params/decoder", "ckpt-parity::params/token_embedder", "ckpt-parity::step"]
+    leaf = [l for l in run(pytester, *args, "--ckpt-split=leaf").stdout.lines if l.startswith("ckpt-parity::")]
+    assert len(leaf) == 39 and "ckpt-parity::params/decoder/layers/mlp/wi_0/kernel" in leaf
+
+
+def test_one_sided_leaves_form_their_own_failing_item(pytester, samples):
+    result = run(pytester, f"--ckpt-a={samples['maxtext_nnx_scan']}", f"--ckpt-b={samples['maxtext_decode_scan']}", "--ckpt-dtype-policy=cast", "--atol=0", "--rtol=0")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["FAILED ckpt-parity::only-in-A*", "*1 failed, 4 passed*"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt-a=/x"], "ERROR: --ckpt-a was given without --ckpt-b; pass both checkpoints to compare."),
+    (["--ckpt-a=/x", "--ckpt-b=/y"], "ERROR: A: checkpoint path '/x' does not exist; pass an orbax checkpoint folder*"),
+    (["--atol=-1"], "ERROR: --atol must be a non-negative number, got '-1'."),
+    (["--ckpt-dtype-policy=loose"], "*argument --ckpt-dtype-policy: invalid choice: 'loose'*"),
+    (["--ckpt", "noequals"], "ERROR: --ckpt entry 'noequals' must read 'NAME=PATH'."),
+])
+def test_bad_options_are_usage_errors(pytester, args, message):
+    result = run(pytester, *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str()
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_fixtures_markers_and_ini(pytester, demo_ckpts, xdist):
+    pytester.makeini(f"""
+        [pytest]
+        ckpt_tolerances =
+            opt_state/** 1 1
+        ckpt_paths =
+            linen = {demo_ckpts['linen']}
+            nnx = {demo_ckpts['nnx']}
+            drift = {demo_ckpts['nnx_drift']}
+    """)
+    pytester.makepyfile(test_user="""
+        import pytest
+        from pytest_ckptparity import CkptParityError
+
+        def test_named(ckpt, ckpt_parity):
+            report = ckpt_parity(ckpt("linen"), ckpt("nnx"))
+            assert report.passed and len(report.results) == 39
+
+        @pytest.mark.ckpt_parity(include="params")
+        def test_marker_scopes(ckpt, ckpt_parity):
+            with pytest.raises(CkptParityError) as info:
+                ckpt_parity(ckpt("linen"), ckpt("drift"))
+            assert [r.path for r in info.value.report.mismatches] == ["params/decoder/layers/mlp/wi_0/kernel"]
+
+        def test_ini_tolerance_applies_to_opt_state(ckpt, ckpt_parity):
+            report = ckpt_parity(ckpt("linen"), ckpt("drift"), include="opt_state")
+            assert report.passed
+
+        def test_failure_shows_report(ckpt, ckpt_parity):
+            ckpt_parity(ckpt("linen"), ckpt("drift"), include="params")
+
+        def test_unconfigured(ckpt_a):
+            pass
+
+        @pytest.mark.ckpt_matrix("linen", "nnx", "drift")
+        def test_matrix(ckpt_pair, ckpt_parity):
+            ckpt_parity(*ckpt_pair, include="params", names=(ckpt_pair.name_a, ckpt_pair.name_b))
+    """)
+    result = run(pytester, "-rA", *xdist)
+    assert result.ret == 1
+    result.stdout.fnmatch_lines_random([
+        "PASSED test_user.py::test_named", "PASSED test_user.py::test_marker_scopes",
+        "PASSED test_user.py::test_ini_tolerance_applies_to_opt_state",
+        "SKIPPED * no checkpoint given: pass --ckpt-a PATH to run this test",
+        "PASSED test_user.py::test_matrix[[]linen-vs-nnx[]]",
+        "FAILED test_user.py::test_matrix[[]linen-vs-drift[]] - pytest_ckptparity.Ckpt*",
+        "FAILED test_user.py::test_matrix[[]nnx-vs-drift[]]*",
+        "FAILED test_user.py::test_failure_shows_report - pytest_ckptparity.Ckpt*",
+        "E * checkpoint parity failed: 1 of 12 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (values)",
+        "*worst at [[]layer 1[]] index (3, 5): linen=-0.30144 drift=0.19856*",
+    ])
+    # The traceback ends at the user's call, not inside the plugin or the library.
+    out = result.stdout.str()
+    assert "api.py" not in out and "diff.py" not in out
+
+
+def test_json_report_and_junit_properties(pytester, demo_ckpts, tmp_path):
+    report, junit = tmp_path / "parity.json", tmp_path / "junit.xml"
+    result = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", f"--ckpt-report={report}", f"--junitxml={junit}", "-n", "2")
+    assert result.ret == 1
+    data = json.loads(report.read_text())
+    assert data["totals"]["leaves_compared"] == 39 and data["totals"]["leaves_mismatched"] == 2
+    keys = [(l["path"], tuple(l["layer_range"] or ())) for l in data["leaves"]]
+    assert len(keys) == len(set(keys)) == 12 + 27 * 2  # each leaf (per layer when split) once
+    bad = [l for l in data["leaves"] if not l["ok"]]
+    assert {l["path"] for l in bad} == {"params/decoder/layers/mlp/wi_0/kernel", "opt_state/0/mu/decoder/layers/mlp/wi_0/kernel"}
+    assert bad[0]["stats"]["worst_index"] == [1, 3, 5]
+    props = {p.get("name") for p in ET.parse(junit).iter("property")}
+    assert {"ckpt_leaves", "ckpt_mismatched", "ckpt_bytes_read", "ckpt_max_abs_diff"} <= props
+
+
+def test_verbosity_caps_rows(pytester):
+    pytester.makepyfile(test_rows="""
+        import numpy as np
+        from pytest_ckptparity import assert_ckpt_parity
+
+        def test_many():
+            a = {f"l{i:02d}": np.zeros(2, np.float32) for i in range(60)}
+            assert_ckpt_parity(a, {k: v + 1 for k, v in a.items()})
+    """)
+    assert "... and 40 more" in run(pytester).stdout.str()
+    assert "... and 10 more" in run(pytester, "-v").stdout.str()
+    assert "more (use" not in run(pytester, "-vv").stdout.str()
+
+
+def test_fixtures_and_markers_are_documented(pytester):
+    out = run(pytester, "--fixtures", "-v").stdout.str()
+    for name in ("ckpt_a", "ckpt_b", "ckpt ", "ckpt_parity", "ckpt_pair"):
+        assert name in out
+    assert "ckpt_parity(ckpt_a, ckpt_b, include=\"params\")" in out
+    markers = run(pytester, "--markers").stdout.str()
+    assert "@pytest.mark.ckpt_parity(**kwargs)" in markers and "@pytest.mark.ckpt_matrix(*names)" in markers
+
+
+def test_loading_the_plugin_imports_nothing_heavy():
+    code = "import sys, pytest_ckptparity.plugin; print(sorted(m for m in ('jax','flax','orbax','tensorstore','numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
