@@ -136,7 +136,14 @@ def _steps(side: str, root: Path) -> tuple[dict[int, Path], list[Path]]:
 
 def locate_item_folder(path: os.PathLike | str, *, step: Optional[int] = None, side: str = "A") -> tuple[Path, Optional[Path]]:
     """Resolve what a user pointed at to (item folder, step folder or None)."""
-    p = Path(path).expanduser()
+    try:
+        return _locate(Path(path).expanduser(), step, side)
+    except PermissionError as e:  # Path.exists() and friends raise it on an unreadable parent
+        where = e.filename or path
+        raise _usage(side, path, f"permission denied reading '{where}'; make the checkpoint and its parent folders readable for this user.") from None
+
+
+def _locate(p: Path, step: Optional[int], side: str) -> tuple[Path, Optional[Path]]:
     if not p.exists():
         raise _usage(side, p, f"checkpoint path '{p}' does not exist; pass {_EXPECTED}.")
     if not os.access(p, os.R_OK):
@@ -152,7 +159,7 @@ def locate_item_folder(path: os.PathLike | str, *, step: Optional[int] = None, s
 
     if (p / "_METADATA").is_file():
         step_dir = p.parent if (p.parent / "_CHECKPOINT_METADATA").is_file() else None
-        if step is not None and step_dir is None:
+        if step is not None:
             raise _usage(side, p, f"step={step} was given but '{p}' is a single checkpoint, not a CheckpointManager root; drop the step or point at the root.")
         marked = (p / "commit_success.txt").is_file() or (step_dir is not None and (step_dir / "commit_success.txt").is_file())
         if not marked:

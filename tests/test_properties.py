@@ -1,0 +1,106 @@
+"""Property-based: random trees written with orbax equal themselves through every layout;
+one element changed beyond tolerance is found at its path, layer and index; changes within
+tolerance pass."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pytest_ckptparity import CkptParityError, assert_ckpt_parity, compare_checkpoints
+from pytest_ckptparity import examples as ex
+
+DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16, np.int8, np.uint32, np.bool_]
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@st.composite
+def layer_trees(draw):
+    """params with a `layers` stack (axis 1) of 1-3 layers plus plain leaves of 0-d to 5-d."""
+    n_layers = draw(st.integers(1, 3))
+    leaves = {}
+    for i in range(draw(st.integers(1, 3))):
+        dtype = draw(st.sampled_from(DTYPES))
+        per_layer = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
+        shape = per_layer[:1] + (n_layers,) + per_layer[1:]
+        leaves[f"w{i}"] = _array(draw, shape, dtype)
+    plain = {}
+    for i in range(draw(st.integers(0, 2))):
+        shape = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=5)))
+        plain[f"p{i}"] = _array(draw, shape, draw(st.sampled_from(DTYPES)))
+    return {"decoder": {"layers": leaves, **plain}}
+
+
+def _array(draw, shape, dtype):
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    if dtype is np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
+    if np.dtype(dtype).kind in "iu":
+        return rng.integers(0, 100, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def writers():
+    return {
+        "linen_scan": lambda p: ex.linen_train_state(p),
+        "linen_noscan": lambda p: ex.linen_train_state(ex.unstack(p, "layers_N")),
+        "nnx_wrapped": lambda p: ex.nnx_state(ex.unstack(p, "int_keys"), rngs=False),
+        "nnx_pure": lambda p: ex.nnx_state(p, wrapped=False, rngs=False),
+    }
+
+
+@SETTINGS
+@given(tree=layer_trees(), pair=st.sampled_from(list(itertools.combinations(["linen_scan", "linen_noscan", "nnx_wrapped", "nnx_pure"], 2))))
+def test_every_tree_equals_itself_through_every_layout(tree, pair):
+    with tempfile.TemporaryDirectory() as d:
+        w = writers()
+        a = ex.save(f"{d}/a", w[pair[0]](tree))
+        b = ex.save(f"{d}/b", w[pair[1]](tree))
+        assert_ckpt_parity(a, b, include="params")
+        assert_ckpt_parity(b, a, include="params")
+
+
+@SETTINGS
+@given(tree=layer_trees(), data=st.data())
+def test_one_change_is_found_at_its_path_layer_and_index(tree, data):
+    name = data.draw(st.sampled_from(sorted(tree["decoder"]["layers"])))
+    x = tree["decoder"]["layers"][name]
+    index = tuple(data.draw(st.integers(0, d - 1)) for d in x.shape)
+    changed = {"decoder": {**tree["decoder"], "layers": {**tree["decoder"]["layers"], name: x.copy()}}}
+    y = changed["decoder"]["layers"][name]
+    y[index] = (not y[index]) if y.dtype == bool else y[index] + (7 if y.dtype.kind in "iu" else 8.0)
+    layout = data.draw(st.sampled_from(["linen_noscan", "nnx_wrapped"]))
+    with tempfile.TemporaryDirectory() as d:
+        a = ex.save(f"{d}/a", writers()["linen_scan"](tree))
+        b = ex.save(f"{d}/b", writers()[layout](changed))
+        with pytest.raises(CkptParityError) as info:
+            assert_ckpt_parity(a, b, include="params")
+    (bad,) = info.value.report.mismatches
+    assert bad.path == f"params/decoder/layers/{name}"
+    layer, rest = index[1], index[:1] + index[2:]
+    assert bad.stats.worst_index == (layer, *rest) and bad.stats.mismatched_layers == (layer,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(0, 4), max_size=5).map(tuple), seed=st.integers(0, 1000),
+       dtype=st.sampled_from([np.float32, ml_dtypes.bfloat16, np.float16]))
+def test_changes_within_tolerance_pass_beyond_fail(shape, seed, dtype):
+    """In memory (orbax cannot write empty arrays); B is the reference."""
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal(shape).astype(dtype)
+    tol = {"atol": 1e-2, "rtol": 1e-2}
+    within = (b.astype(np.float64) + 0.4 * (1e-2 + 1e-2 * np.abs(b.astype(np.float64)))).astype(dtype)
+    within = np.where(np.abs(within.astype(np.float64) - b.astype(np.float64)) <= 1e-2 + 1e-2 * np.abs(b.astype(np.float64)), within, b)
+    assert compare_checkpoints({"x": within}, {"x": b}, **tol).passed
+    if b.size:
+        beyond = b.copy()
+        beyond.reshape(-1)[0] = beyond.reshape(-1)[0] + dtype(1.0)
+        report = compare_checkpoints({"x": beyond}, {"x": b}, **tol)
+        assert report.mismatches[0].stats.worst_index == np.unravel_index(0, shape)
