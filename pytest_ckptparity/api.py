@@ -21,7 +21,6 @@ from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
 from pytest_ckptparity.sources import Checkpoint, open_checkpoint
 
 SPLITS = ("group", "layer", "leaf")
-_STACK = re.compile(r"^[A-Za-z_]*layers(?:_[a-z]+)*$")
 
 # Observers of every finished comparison (the pytest plugin counts them for its summary).
 _listeners: list[Callable[[ParityReport], None]] = []
@@ -165,13 +164,10 @@ class Comparison:
                 plain[f"only-in-{va.name if lb is None else vb.name}"].append(path)
                 continue
             key = _item_key(path, how)
-            if how == "layer" and la.layers is not None and la.layers == lb.layers and la.shape == lb.shape:
-                stack = next((k for k in path.split("/") if _STACK.match(k)), None)
-                if stack is not None:
-                    prefix = path.split("/" + stack + "/", 1)[0] + "/" + stack if "/" + stack + "/" in path else key
-                    for layer in range(la.layers):
-                        layered[(prefix, layer)].append(path)
-                    continue
+            if how == "layer" and la.layers is not None and la.shape == lb.shape and la.stack:
+                for layer in range(la.layers):
+                    layered[(la.stack, layer)].append(path)
+                continue
             plain[key].append(path)
         parts: list[tuple[Any, str, list[Selection]]] = []
         for key, ps in plain.items():

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 EXIT_PARITY, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 

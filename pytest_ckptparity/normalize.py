@@ -159,6 +159,7 @@ class LogicalLeaf:
     layers: Optional[int] = None
     chunk_shape: Optional[tuple[int, ...]] = None  # in canonical coordinates
     note: str = ""
+    stack: str = ""  # layered leaves: the canonical path of their stack, e.g. params/decoder/layers
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -314,6 +315,7 @@ def normalize(
     families: dict[str, dict[int, tuple[KeyPath, ArrayInfo]]] = defaultdict(dict)
     family_meta: dict[str, tuple[str, str]] = {}
     forms: set[str] = set()
+    stack_of: dict[str, str] = {}
 
     def add_plain(cpath: str, raw: KeyPath, info: ArrayInfo, group: str) -> None:
         if cpath in plain:  # two raw leaves fold onto one canonical path: keep both visible
@@ -336,10 +338,12 @@ def normalize(
                 add_plain(path_str(cpath), raw, info, group)
                 continue
             stacked[(group,) + cpath[: pos + 1]].append((path_str(cpath), raw, info, group))
+            stack_of[path_str(cpath)] = path_str(cpath[: pos + 1])
             continue
         drop = 2 if style == "layers/N" else 1
         folded = path_str(cpath[:pos] + (stack,) + cpath[pos + drop :])
         families[folded][layer] = (raw, info)
+        stack_of[folded] = path_str(cpath[:pos] + (stack,))
         family_meta[folded] = (group, style)
 
     leaves: dict[str, LogicalLeaf] = {}
@@ -359,7 +363,7 @@ def normalize(
             layer_dim = shape.pop(axis)
             leaves[cpath] = LogicalLeaf(
                 cpath, group, (layer_dim, *shape), info.dtype, Storage(raw=raw, axis=axis),
-                layers=n_layers, chunk_shape=_canonical_chunk(info, axis), note=info.note,
+                layers=n_layers, chunk_shape=_canonical_chunk(info, axis), note=info.note, stack=stack_of[cpath],
             )
 
     # Families: layered when layers 0..L-1 are all there with one shape and dtype.
@@ -378,7 +382,7 @@ def normalize(
             Storage(per_layer=tuple(m[0] for m in ordered), family_style=style),
             layers=len(ordered),
             chunk_shape=(1, *info0.chunk_shape) if info0.chunk_shape is not None else None,
-            note=info0.note,
+            note=info0.note, stack=stack_of[cpath],
         )
 
     for cpath, (raw, info, group) in plain.items():
