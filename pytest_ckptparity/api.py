@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from pytest_ckptparity._model import ParityReport
-from pytest_ckptparity.diff import DEFAULT_READ_BUDGET, DTYPE_POLICIES, CompareOptions, Selection, diff_views, scoped_paths
+from pytest_ckptparity.diff import (
+    DEFAULT_READ_BUDGET, DTYPE_POLICIES, CompareOptions, Selection, chunk_alignment, diff_views, scoped_paths,
+)
 from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
 from pytest_ckptparity.normalize import Layout, NormalizedView, normalize
 from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
@@ -151,31 +152,44 @@ class Comparison:
         return report
 
     def split(self, how: str = "layer") -> list[tuple[str, list[Selection]]]:
-        """Named parts for generated test items, from metadata only, in a deterministic order."""
+        """Named parts for generated test items, from metadata only, in a deterministic order.
+
+        `layer` gives one part per layer of each stack (`params/decoder/layers[3]`) where
+        both sides store layers in separate chunks. Where a stored chunk spans several
+        layers (a scanned array written as one chunk, the usual case), a layer part would
+        decode that whole chunk again for every layer, so the part is one leaf over the
+        chunk's layers instead (`params/decoder/layers/mlp/wi_0/kernel`, or `...kernel[0:4]`
+        when chunks hold 4 layers each): every stored chunk is still read once, and the parts
+        still spread across xdist workers.
+        """
         if how not in SPLITS:
             raise CkptParityUsageError(f"split must be one of {', '.join(SPLITS)}, got {how!r}.")
         va, vb = self.views
         paths, _ = scoped_paths(va, vb, self.options)
-        plain: dict[str, list[str]] = defaultdict(list)
-        layered: dict[tuple[str, int], list[str]] = defaultdict(list)
+        parts: dict[tuple[str, int, str], tuple[str, list[str], Optional[tuple[int, int]]]] = {}
+
+        def add(sort_key: tuple[str, int, str], name: str, path: str, layers: Optional[tuple[int, int]] = None) -> None:
+            parts.setdefault(sort_key, (name, [], layers))[1].append(path)
+
         for path in paths:
             la, lb = va.leaves.get(path), vb.leaves.get(path)
             if la is None or lb is None:
-                plain[f"only-in-{va.name if lb is None else vb.name}"].append(path)
+                name = f"only-in-{va.name if lb is None else vb.name}"
+                add((name, -1, ""), name, path)
+                continue
+            if how == "layer" and la.layers is not None and la.shape == lb.shape and la.stack:
+                unit = chunk_alignment(la, lb)[0]
+                for start in range(0, la.layers, unit):
+                    stop = min(start + unit, la.layers)
+                    if stop - start == 1:
+                        add((la.stack, start, ""), f"{la.stack}[{start}]", path, (start, stop))
+                    else:  # canonical indexing: the layer axis comes first
+                        name = path if stop - start == la.layers else f"{path}[{start}:{stop}]"
+                        add((la.stack, start, path), name, path, (start, stop))
                 continue
             key = _item_key(path, how)
-            if how == "layer" and la.layers is not None and la.shape == lb.shape and la.stack:
-                for layer in range(la.layers):
-                    layered[(la.stack, layer)].append(path)
-                continue
-            plain[key].append(path)
-        parts: list[tuple[Any, str, list[Selection]]] = []
-        for key, ps in plain.items():
-            parts.append(((key, -1), key, [Selection(tuple(ps))]))
-        for (prefix, layer), ps in layered.items():
-            parts.append(((prefix, layer), f"{prefix}[{layer}]", [Selection(tuple(ps), (layer, layer + 1))]))
-        parts.sort(key=lambda p: p[0])
-        return [(name, sel) for _, name, sel in parts]
+            add((key, -1, ""), key, path)
+        return [(name, [Selection(tuple(ps), layers)]) for _, (name, ps, layers) in sorted(parts.items())]
 
 
 def _item_key(path: str, how: str) -> str:

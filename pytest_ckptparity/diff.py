@@ -5,14 +5,17 @@ Values: `|a - b| <= atol + rtol * |b|` (B is the reference), exact for integers,
 strings. NaN equals NaN at the same position unless `equal_nan=False`; NaN or inf against
 anything else is a mismatch. Identical arrays take a bitwise fast path first.
 
-Memory: every leaf is read in blocks of at most `read_budget // 4` bytes per side, aligned
-to the stored chunks, and compared in pieces of `PIECE_ELEMENTS` elements, so temporaries
-scale with a block, never with the checkpoint. Reads for the next blocks are issued while
-the current one is compared (readahead), up to `read_budget` bytes in flight.
+Memory: every leaf is read in blocks aligned to the stored chunks of both sides (so each
+chunk is decoded once), of at most `read_budget / BLOCK_SHARE` bytes per side unless one
+chunk is larger, and compared in pieces of `PIECE_ELEMENTS` elements. Reads of the next
+blocks are issued while the current one is compared (readahead) as long as all decoded
+blocks held, the compared one included, fit in `read_budget`. So memory follows the budget
+or the largest chunk, never the checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -34,7 +37,8 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance(atol=1e-5, rtol=1e-3),
 }
 EXACT = Tolerance(atol=0.0, rtol=0.0, exact=True)
-DEFAULT_READ_BUDGET = 256 << 20  # bytes in flight across both sides
+DEFAULT_READ_BUDGET = 256 << 20  # decoded bytes held at once, both sides, compared block included
+BLOCK_SHARE = 8  # a block (one side) takes at most budget / BLOCK_SHARE: several in flight
 PIECE_ELEMENTS = 1 << 20  # elements compared at once: bounds every temporary
 FIRST_INDICES = 5
 COUNTER_NAMES = frozenset({"step", "count"})  # compared by value across integer dtypes
@@ -249,32 +253,46 @@ class _Job:
     acc: _Accumulator = field(default_factory=_Accumulator)
 
 
-def _blocks(leaf: LogicalLeaf, other: LogicalLeaf, layer_range: Optional[tuple[int, int]], itemsize: int, budget: int) -> list[tuple[slice, ...]]:
-    """Chunk-aligned blocks covering the leaf (restricted to `layer_range`), each <= budget."""
-    full = [slice(0, d) for d in leaf.shape]
-    if layer_range is not None and leaf.layers is not None:
-        full[0] = slice(*layer_range)
-    sizes = [s.stop - s.start for s in full]
-    total = math.prod(sizes) * itemsize
-    if total <= budget or not sizes:
-        return [tuple(full)]
-    chunk = leaf.chunk_shape or other.chunk_shape
-    axis = None
-    if chunk is not None:
-        axis = next((i for i, (c, d) in enumerate(zip(chunk, leaf.shape)) if c < d), None)
-    if axis is None:
-        return [tuple(full)]  # one stored chunk: reading it in parts would decode it repeatedly
-    c = chunk[axis]
-    slab = total // sizes[axis] * c
-    step = c * max(1, budget // max(slab, 1))
-    out = []
-    start, stop = full[axis].start, full[axis].stop
-    first = start - start % c
-    for s in range(first, stop, step):
-        block = list(full)
-        block[axis] = slice(max(s, start), min(s + step, stop))
-        out.append(tuple(block))
-    return out
+def chunk_alignment(la: LogicalLeaf, lb: LogicalLeaf) -> tuple[int, ...]:
+    """Per canonical axis, the smallest extent made of whole stored chunks on both sides.
+
+    A block on this grid decodes each stored chunk once; a block that cut a chunk would make
+    the next block decode it again. A leaf without chunks (in memory) aligns to anything.
+    """
+    unit = []
+    for i, d in enumerate(la.shape):
+        u = 1
+        for leaf in (la, lb):
+            c = leaf.chunk_shape
+            if c is not None and i < len(c) and c[i] > 0:
+                u = math.lcm(u, min(c[i], d))
+        unit.append(max(1, min(u, d)))
+    return tuple(unit)
+
+
+def _blocks(extent: Sequence[slice], unit: Sequence[int], itemsize: int, budget: int) -> list[tuple[slice, ...]]:
+    """Chunk-aligned blocks covering `extent` in C order, each at most `budget` bytes unless
+    one aligned unit (a stored chunk) is larger: memory is bounded by the budget or one chunk."""
+    sizes = [s.stop - s.start for s in extent]
+    if not sizes or 0 in sizes:
+        return [tuple(extent)]
+    limit = max(1, budget // max(itemsize, 1))  # elements per block
+    block = [min(u, n) for u, n in zip(unit, sizes)]
+    for i in reversed(range(len(sizes))):  # grow trailing axes first: blocks stay contiguous
+        others = math.prod(block) // block[i]
+        if others * sizes[i] <= limit:
+            block[i] = sizes[i]
+            continue
+        block[i] = max(block[i], (limit // others) // unit[i] * unit[i])
+        break
+    ranges = []
+    for s, b in zip(extent, block):
+        if b >= s.stop - s.start:
+            ranges.append([s])
+            continue
+        first = s.start - s.start % b  # boundaries on the absolute grid, so on chunk edges
+        ranges.append([slice(max(x, s.start), min(x + b, s.stop)) for x in range(first, s.stop, b)])
+    return [tuple(c) for c in itertools.product(*ranges)]
 
 
 def _counter(path: str) -> bool:
@@ -342,7 +360,7 @@ def diff_views(
 
     results: dict[int, LeafResult] = {}
     jobs: list[tuple[int, _Job]] = []
-    block_budget = max(1, opts.read_budget // 4)
+    block_budget = max(1, opts.read_budget // BLOCK_SHARE)
     for pos, (path, layer_range) in enumerate(wanted):
         la, lb = va.leaves.get(path), vb.leaves.get(path)
         done, cast_to, notes = _structural(path, la, lb, opts)
@@ -356,8 +374,11 @@ def diff_views(
         tol = resolve_tolerance(path, compare_dtype, opts)
         if la.layers is None:
             layer_range = None
+        extent = [slice(0, d) for d in la.shape]
+        if layer_range is not None:
+            extent[0] = slice(*layer_range)
         itemsize = max(_itemsize(la.dtype), _itemsize(lb.dtype))
-        job = _Job(path, la, lb, tol, cast_to, layer_range, notes, _blocks(la, lb, layer_range, itemsize, block_budget))
+        job = _Job(path, la, lb, tol, cast_to, layer_range, notes, _blocks(extent, chunk_alignment(la, lb), itemsize, block_budget))
         jobs.append((pos, job))
 
     for pos, result in _run_jobs(va, vb, jobs, opts):
@@ -379,27 +400,33 @@ def _itemsize(dtype: str) -> int:
 
 
 def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job]], opts: CompareOptions) -> Iterator[tuple[int, LeafResult]]:
-    """Read blocks with readahead under the byte budget; compare in order."""
-    work = [(pos, job, i) for pos, job in jobs for i in range(len(job.blocks))]
+    """Read blocks ahead while earlier ones are compared, holding at most `read_budget`
+    decoded bytes (the block being compared included); a block larger than the budget (one
+    big stored chunk) is read alone."""
+    work = [(pos, job, i, _block_bytes(job, job.blocks[i])) for pos, job in jobs for i in range(len(job.blocks))]
     inflight: deque = deque()
-    in_bytes = 0
+    held = 0
     nxt = 0
     while nxt < len(work) or inflight:
-        while nxt < len(work) and (not inflight or in_bytes < opts.read_budget):
-            pos, job, i = work[nxt]
+        while nxt < len(work) and (not inflight or held + work[nxt][3] <= opts.read_budget):
+            pos, job, i, cost = work[nxt]
             block = job.blocks[i]
-            pa, pb = va.read(job.la, block), vb.read(job.lb, block)
-            inflight.append((pos, job, i, pa, pb))
-            in_bytes += pa.nbytes + pb.nbytes
+            inflight.append((pos, job, i, cost, va.read(job.la, block), vb.read(job.lb, block)))
+            held += cost
             nxt += 1
-        pos, job, i, pa, pb = inflight.popleft()
+        pos, job, i, cost, pa, pb = inflight.popleft()
         a, b = pa.result(), pb.result()
-        in_bytes -= pa.nbytes + pb.nbytes
         job.acc.bytes_read += pa.nbytes + pb.nbytes
         _compare_values(job, a, b, job.blocks[i], opts)
-        del a, b
+        del a, b, pa, pb
+        held -= cost
         if i == len(job.blocks) - 1:
             yield pos, _finish(job)
+
+
+def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
+    n = math.prod(s.stop - s.start for s in block)
+    return n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
 
 
 def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: CompareOptions) -> None:
@@ -409,11 +436,19 @@ def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: C
             job.acc.n_mismatch += 1
             job.acc.worst = (math.inf, (), a, b)
         return
-    if job.cast_to is not None:
-        target = _np_dtype(job.cast_to)
-        a, b = np.asarray(a).astype(target), np.asarray(b).astype(target)
     origin = tuple(s.start for s in block)
-    compare_block(a, b, job.tol, opts.equal_nan, job.acc, origin, layered=job.la.layers is not None)
+    layered = job.la.layers is not None
+    if isinstance(a, list) or isinstance(b, list):  # per-layer arrays on a side: never stacked
+        for i in range(block[0].stop - block[0].start):
+            ai, bi = _cast(job, a[i]), _cast(job, b[i])
+            compare_block(ai[np.newaxis], bi[np.newaxis], job.tol, opts.equal_nan, job.acc, (origin[0] + i, *origin[1:]), layered)
+        return
+    compare_block(_cast(job, a), _cast(job, b), job.tol, opts.equal_nan, job.acc, origin, layered)
+
+
+def _cast(job: _Job, x: Any) -> np.ndarray:
+    x = np.asarray(x)
+    return x if job.cast_to is None else x.astype(_np_dtype(job.cast_to))
 
 
 def _finish(job: _Job) -> LeafResult:

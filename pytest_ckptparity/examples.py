@@ -140,19 +140,32 @@ def decode_params(params: dict[str, Any], *, wrapped: bool = True) -> dict[str, 
     return _map(cast, lambda x: {"value": x}) if wrapped else cast
 
 
-def save(path: str | os.PathLike, tree: Any, *, step: Optional[int] = None, ocdbt: bool = True, zarr3: bool = False, custom_metadata: Optional[dict] = None) -> str:
-    """Write `tree` with orbax: a bare folder, or with `step` a CheckpointManager root."""
+def save(
+    path: str | os.PathLike, tree: Any, *, step: Optional[int] = None, ocdbt: bool = True, zarr3: bool = False,
+    custom_metadata: Optional[dict] = None, chunk_byte_size: Optional[int] = None,
+) -> str:
+    """Write `tree` with orbax: a bare folder, or with `step` a CheckpointManager root.
+
+    `chunk_byte_size` caps each stored chunk, as MaxText does with
+    `checkpoint_storage_target_data_file_size_bytes`; by default orbax stores an array
+    (a device's shard of it) as one chunk.
+    """
+    import jax
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=ocdbt, use_zarr3=zarr3)
+    save_args = None
+    if chunk_byte_size is not None:
+        save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_byte_size), tree)
+    item = ocp.args.PyTreeSave(tree, save_args=save_args)
     if step is None:
         with ocp.Checkpointer(handler) as ckptr:
-            ckptr.save(path, args=ocp.args.PyTreeSave(tree))
+            ckptr.save(path, args=item)
         return path
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
     with ocp.CheckpointManager(path, options=options, item_handlers={"items": handler}) as mgr:
-        mgr.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(tree)), custom_metadata=custom_metadata or {})
+        mgr.save(step, args=ocp.args.Composite(items=item), custom_metadata=custom_metadata or {})
         mgr.wait_until_finished()
     return path
 

@@ -191,17 +191,20 @@ class NormalizedView:
         return ", ".join(parts)
 
     def read(self, leaf: LogicalLeaf, index: Optional[tuple[slice, ...]] = None) -> Pending:
-        """Start reading `leaf[index]` in canonical coordinates (layer first when layered)."""
+        """Start reading `leaf[index]` in canonical coordinates (layer first when layered).
+
+        The result is an array, or for a leaf stored one array per layer, the list of those
+        layers' arrays (indexing either by layer gives the same thing).
+        """
         st = leaf.storage
         if leaf.layers is None:
             return self.checkpoint.read(st.raw, index)
         index = index or tuple(slice(None) for _ in leaf.shape)
         layer_sel, rest = index[0], tuple(index[1:])
         if st.per_layer:
-            import numpy as np
-
+            # A list of per-layer arrays, not one stacked array: stacking would copy the block.
             pendings = [self.checkpoint.read(st.per_layer[i], rest) for i in range(*layer_sel.indices(leaf.layers))]
-            return Pending(lambda: np.stack([p.result() for p in pendings]) if pendings else np.empty((0,) + leaf.layer_shape, leaf.dtype), sum(p.nbytes for p in pendings))
+            return Pending(lambda: [p.result() for p in pendings], sum(p.nbytes for p in pendings))
         axis = st.axis
         stored_index = rest[:axis] + (layer_sel,) + rest[axis:]
         pending = self.checkpoint.read(st.raw, stored_index)

@@ -452,7 +452,7 @@ class InMemoryCheckpoint(Checkpoint):
             if isinstance(value, str):
                 infos[path] = ArrayInfo(shape=(), dtype="str")
             else:
-                infos[path] = ArrayInfo(shape=tuple(value.shape), dtype=value.dtype.name, chunk_shape=tuple(value.shape), note=note)
+                infos[path] = ArrayInfo(shape=tuple(value.shape), dtype=value.dtype.name, note=note)  # in memory: any slice is free
         self._infos = dict(sorted(infos.items()))
 
     def leaves(self) -> dict[KeyPath, ArrayInfo]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 XDIST = [pytest.param([], id="no-xdist"), pytest.param(["-n", "2"], id="n2")]
@@ -18,18 +20,21 @@ def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 @pytest.mark.parametrize("xdist", XDIST)
 def test_generated_items_pass_in_an_empty_folder(pytester, samples, xdist):
+    # Scanned (one chunk spans both layers) vs unrolled: layer parts follow the chunk, per leaf.
     result = run(pytester, f"--ckpt-a={samples['maxtext_decode_scan']}", f"--ckpt-b={samples['maxtext_decode_unroll']}", "-rA", *xdist)
     assert result.ret == 0
     result.stdout.fnmatch_lines_random([
-        "*= checkpoint parity =*", "leaves compared: 12  mismatched: 0  comparisons: 4",
-        "PASSED ckpt-parity::params/decoder", "PASSED ckpt-parity::params/decoder/layers[[]0[]]",
-        "PASSED ckpt-parity::params/decoder/layers[[]1[]]", "PASSED ckpt-parity::params/token_embedder", "*4 passed*",
+        "*= checkpoint parity =*", "leaves compared: 12  mismatched: 0  comparisons: 11",
+        "PASSED ckpt-parity::params/decoder", "PASSED ckpt-parity::params/decoder/layers/mlp/wi_0/kernel",
+        "PASSED ckpt-parity::params/decoder/layers/self_attention/out/kernel",
+        "PASSED ckpt-parity::params/token_embedder", "*11 passed*",
     ])
 
 
 @pytest.mark.parametrize("xdist", XDIST)
 def test_a_drifted_layer_fails_its_own_item_with_the_report(pytester, demo_ckpts, xdist):
-    result = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", *xdist)
+    # Both sides store one array per layer, so every layer is an item of its own.
+    result = run(pytester, f"--ckpt-a={demo_ckpts['nnx']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", *xdist)
     assert result.ret == 1
     # Any order: xdist workers finish items in any order.
     result.stdout.fnmatch_lines_random([
@@ -44,23 +49,31 @@ def test_a_drifted_layer_fails_its_own_item_with_the_report(pytester, demo_ckpts
     assert "Traceback" not in result.stdout.str()
 
 
+def _ids(pytester: pytest.Pytester, *args: str) -> list[str]:
+    return [l for l in run(pytester, *args, "--collect-only", "-q").stdout.lines if l.startswith("ckpt-parity::")]
+
+
 def test_collection_is_deterministic_and_split_granularity(pytester, demo_ckpts):
-    args = (f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx']}", "--collect-only", "-q")
-    ids = [l for l in run(pytester, *args).stdout.lines if l.startswith("ckpt-parity::")]
-    assert ids == [l for l in run(pytester, *args, "-n", "2").stdout.lines if l.startswith("ckpt-parity::")]
+    per_layer = (f"--ckpt-a={demo_ckpts['nnx']}", f"--ckpt-b={demo_ckpts['nnx_drift']}")
+    ids = _ids(pytester, *per_layer)
+    assert ids == _ids(pytester, *per_layer, "-n", "2")
     assert ids[:4] == ["ckpt-parity::opt_state/0/count", "ckpt-parity::opt_state/0/mu", "ckpt-parity::opt_state/0/mu/decoder/layers[0]", "ckpt-parity::opt_state/0/mu/decoder/layers[1]"]
     assert ids[-4:] == ["ckpt-parity::params/decoder/layers[0]", "ckpt-parity::params/decoder/layers[1]", "ckpt-parity::params/token_embedder", "ckpt-parity::step"]
     assert len(ids) == 13
-    group = [l for l in run(pytester, *args, "--ckpt-split=group").stdout.lines if l.startswith("ckpt-parity::")]
+    # Linen stores each stacked leaf as one chunk spanning both layers: one item per leaf.
+    stacked = _ids(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx']}")
+    assert len(stacked) == 34 and "ckpt-parity::params/decoder/layers/mlp/wi_0/kernel" in stacked
+    assert not [i for i in stacked if "[" in i]
+    group = _ids(pytester, *per_layer, "--ckpt-split=group")
     assert group == ["ckpt-parity::opt_state/0", "ckpt-parity::opt_state/2", "ckpt-parity::params/decoder", "ckpt-parity::params/token_embedder", "ckpt-parity::step"]
-    leaf = [l for l in run(pytester, *args, "--ckpt-split=leaf").stdout.lines if l.startswith("ckpt-parity::")]
+    leaf = _ids(pytester, *per_layer, "--ckpt-split=leaf")
     assert len(leaf) == 39 and "ckpt-parity::params/decoder/layers/mlp/wi_0/kernel" in leaf
 
 
 def test_one_sided_leaves_form_their_own_failing_item(pytester, samples):
     result = run(pytester, f"--ckpt-a={samples['maxtext_nnx_scan']}", f"--ckpt-b={samples['maxtext_decode_scan']}", "--ckpt-dtype-policy=cast", "--atol=0", "--rtol=0")
     assert result.ret == 1
-    result.stdout.fnmatch_lines(["FAILED ckpt-parity::only-in-A*", "*1 failed, 4 passed*"])
+    result.stdout.fnmatch_lines(["FAILED ckpt-parity::only-in-A*", "*1 failed, 11 passed*"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -141,12 +154,25 @@ def test_json_report_and_junit_properties(pytester, demo_ckpts, tmp_path):
     data = json.loads(report.read_text())
     assert data["totals"]["leaves_compared"] == 39 and data["totals"]["leaves_mismatched"] == 2
     keys = [(l["path"], tuple(l["layer_range"] or ())) for l in data["leaves"]]
-    assert len(keys) == len(set(keys)) == 12 + 27 * 2  # each leaf (per layer when split) once
+    assert len(keys) == len(set(keys)) == 39  # each leaf once: Linen's stacks span both layers in one chunk
+    assert ("params/decoder/layers/mlp/wi_0/kernel", (0, 2)) in keys
     bad = [l for l in data["leaves"] if not l["ok"]]
     assert {l["path"] for l in bad} == {"params/decoder/layers/mlp/wi_0/kernel", "opt_state/0/mu/decoder/layers/mlp/wi_0/kernel"}
     assert bad[0]["stats"]["worst_index"] == [1, 3, 5]
     props = {p.get("name") for p in ET.parse(junit).iter("property")}
     assert {"ckpt_leaves", "ckpt_mismatched", "ckpt_bytes_read", "ckpt_max_abs_diff"} <= props
+
+
+def test_xdist_workers_together_read_each_array_once(pytester, demo_ckpts, tmp_path):
+    from pytest_ckptparity import Comparison
+
+    views = Comparison(demo_ckpts["linen"], demo_ckpts["nnx"]).views
+    every_array = sum(math.prod(l.shape) * np.dtype(l.dtype).itemsize for v in views for l in v.leaves.values())
+    for label, extra in (("serial", []), ("n2", ["-n", "2"]), ("n3", ["-n", "3"])):
+        report = tmp_path / f"{label}.json"
+        result = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx']}", f"--ckpt-report={report}", *extra)
+        assert result.ret == 0
+        assert json.loads(report.read_text())["totals"]["bytes_read"] == every_array, label
 
 
 def test_verbosity_caps_rows(pytester):
