@@ -1,21 +1,32 @@
-"""Benchmark: ckptparity vs the read floor vs restore-everything, side by side in one run.
+"""Benchmark: ckptparity against the read floor and restore-everything, side by side.
 
-    python benchmarks/compare_speed.py --gb 1.1 [--dir /tmp/ckptbench] [--structure-only]
+    python benchmarks/compare_speed.py                      # the 1.1 GB pair, orbax's chunking
+    python benchmarks/compare_speed.py --scale 3            # and a 3x pair: does RSS stay flat?
+    python benchmarks/compare_speed.py --chunk-mb 64 --scale 3   # chunks capped, as MaxText can
+    python benchmarks/compare_speed.py --perturb            # B within tolerance, not bit-identical
 
-Writes a pair of MaxText-layout checkpoints (float32 params + Adam mu + nu, scanned layers,
-OCDBT, zstd) of about the given total size each, then runs, each in its own process:
-  floor     read and decode every array of both through tensorstore, all reads in flight
-  restore   orbax restore both whole, then numpy comparison leaf by leaf (today's way)
-  ckptparity the `ckptparity A B` command line
-and prints wall time, peak RSS and the ratios. Figures go in docs/performance.md.
+Writes pairs of MaxText-layout Linen TrainStates (float32 params + Adam mu + nu, scanned
+layers, OCDBT, zarr, zstd) holding about `--gb` GB of arrays each (depth is what grows), then
+runs every contender in its own process, `--repeat` times (median wall time, highest RSS):
+
+  floor        read and decode every array of both through tensorstore, all reads in flight
+  restore      orbax restores both whole, then numpy compares leaf by leaf (today's way)
+  ckptparity   the `ckptparity A B` command line
+  structure    `ckptparity A B --structure-only`
+
+and the import cost: `pytest --version` with the plugin against `-p no:ckptparity`.
+Peak RSS is the child's ru_maxrss from wait4. Figures go in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +43,7 @@ for root in sys.argv[1:]:
         futs.append(ts.open(spec, open=True, read=True))
 arrays = [f.result() for f in futs]
 reads = [a.read() for a in arrays]
-total = sum(r.result().nbytes for r in reads)
-print(total)
+print(sum(r.result().nbytes for r in reads))
 '''
 
 RESTORE = r'''
@@ -44,66 +54,131 @@ la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
 print(all(np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)))
 '''
 
+# The model: llama-like width, depth chosen to reach the size. 12 bytes per parameter
+# (float32 params, mu and nu).
+EMB, HEADS, HEAD_DIM, MLP, VOCAB = 512, 4, 128, 2048, 32000
+PER_LAYER = 4 * EMB * HEADS * HEAD_DIM + 3 * EMB * MLP + 2 * EMB
+FIXED = 2 * VOCAB * EMB + EMB
 
 WRITE = r'''
-import sys
+import sys, numpy as np
 from pathlib import Path
 from pytest_ckptparity import examples as ex
-root, gb = Path(sys.argv[1]), float(sys.argv[2])
-layers, heads, head_dim, vocab = 8, 8, 128, 32000
-def nbytes(emb):  # float32 params + mu + nu
-    per_layer = 3 * emb * 4 * emb + 4 * emb * heads * head_dim + 2 * emb
-    return 12 * (layers * per_layer + 2 * vocab * emb + emb)
-emb = 128
-while nbytes(emb + 128) <= gb * 1e9:
-    emb += 128
-params = ex.tiny_params(0, layers=layers, emb=emb, heads=heads, head_dim=head_dim, mlp=4 * emb, vocab=vocab)
-for name in ("a", "b"):
-    if not (root / name).exists():
-        ex.save(root / name, ex.linen_train_state(params), step=0)
-print(emb)
+root, layers, chunk_mb, perturb = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+emb, heads, head_dim, mlp, vocab = (int(x) for x in sys.argv[5:10])
+params = ex.tiny_params(0, layers=layers, emb=emb, heads=heads, head_dim=head_dim, mlp=mlp, vocab=vocab)
+chunk = int(chunk_mb * 2**20) or None
+ex.save(root / "a", ex.linen_train_state(params), step=0, chunk_byte_size=chunk)
+if perturb:  # a few ulps: a recomputed model, within float32's default tolerance
+    rng = np.random.default_rng(1)
+    def nudge(x):
+        return (x * (1 + rng.uniform(-2e-7, 2e-7, x.shape))).astype(x.dtype) if x.dtype == np.float32 else x
+    def walk(t):
+        return {k: walk(v) for k, v in t.items()} if isinstance(t, dict) else nudge(t)
+    params = walk(params)
+ex.save(root / "b", ex.linen_train_state(params), step=0, chunk_byte_size=chunk)
 '''
 
 
-def write_pair(root: Path, gb: float) -> tuple[str, str]:
-    """Written in a child process, so this process stays small (ru_maxrss survives fork+exec)."""
-    emb = subprocess.run([sys.executable, "-c", WRITE, str(root), str(gb)], check=True, capture_output=True, text=True).stdout.split()[-1]
-    size = sum(f.stat().st_size for f in (root / "a").rglob("*") if f.is_file())
-    print(f"pair written under {root}: {size / 1e9:.2f} GB each on disk (float32 params+mu+nu, emb={emb}, 8 layers)")
-    return str(root / "a"), str(root / "b")
+def layers_for(gb: float) -> int:
+    return max(1, round((gb * 1e9 / 12 - FIXED) / PER_LAYER))
 
 
-def measure(label: str, cmd: list[str]) -> tuple[float, float]:
+def write_pair(base: Path, gb: float, chunk_mb: float, perturb: bool) -> tuple[str, str, str]:
+    """Written in a child process, so this one stays small; reused when already there."""
+    layers = layers_for(gb)
+    root = base / f"{gb:g}gb-chunk{chunk_mb:g}mb{'-perturbed' if perturb else ''}"
+    if not (root / "b" / "0" / "commit_success.txt").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        args = [str(root), str(layers), str(chunk_mb), "1" if perturb else "0", *(str(x) for x in (EMB, HEADS, HEAD_DIM, MLP, VOCAB))]
+        subprocess.run([sys.executable, "-c", WRITE, *args], check=True, capture_output=True, text=True)
+    arrays = 12 * (FIXED + layers * PER_LAYER)
+    disk = sum(f.stat().st_size for f in (root / "a").rglob("*") if f.is_file())
+    largest = 4 * max(VOCAB * EMB, layers * EMB * MLP)
+    desc = (f"{arrays / 1e9:.2f} GB of arrays each ({disk / 1e9:.2f} GB on disk), {layers} scanned layers, "
+            f"largest array {largest / 2**20:.0f} MiB, chunks {'<= %g MiB' % chunk_mb if chunk_mb else 'one per array (orbax default)'}"
+            f"{', B perturbed within tolerance' if perturb else ''}")
+    return str(root / "a"), str(root / "b"), desc
+
+
+def run_once(cmd: list[str], cwd: str | None = None) -> tuple[float, float, int]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    rss_mb = usage.ru_maxrss / 1024
-    print(f"{label:<28} {wall:7.2f} s   peak RSS {rss_mb:8.0f} MB   exit {os.waitstatus_to_exitcode(status)}")
-    return wall, rss_mb
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+
+
+def measure(label: str, cmd: list[str], repeat: int, expect_exit: int = 0) -> tuple[float, float]:
+    runs = [run_once(cmd) for _ in range(repeat)]
+    if any(code != expect_exit for _, _, code in runs):
+        raise SystemExit(f"{label}: exit codes {[c for _, _, c in runs]}, expected {expect_exit}: {' '.join(cmd)}")
+    wall = statistics.median(w for w, _, _ in runs)
+    rss = max(r for _, r, _ in runs)
+    spread = f"  (runs: {', '.join(f'{w:.2f}' for w, _, _ in runs)})" if repeat > 1 else ""
+    print(f"  {label:<30} {wall:7.2f} s   peak RSS {rss:7.0f} MB{spread}")
+    return wall, rss
+
+
+def bench_pair(a: str, b: str, repeat: int, restore: bool) -> dict[str, tuple[float, float]]:
+    py = sys.executable
+    cli = [py, "-m", "pytest_ckptparity.cli", a, b, "--color", "no"]
+    run_once([py, "-c", FLOOR, a, b])  # warm the page cache: every contender then reads from memory
+    out = {"floor": measure("floor (tensorstore only)", [py, "-c", FLOOR, a, b], repeat)}
+    if restore:
+        out["restore"] = measure("restore-everything", [py, "-c", RESTORE, a, b], 1)
+    out["ckptparity"] = measure("ckptparity A B", cli, repeat)
+    out["structure"] = measure("ckptparity --structure-only", cli + ["--structure-only"], repeat)
+    return out
+
+
+def import_cost(repeat: int) -> tuple[float, float]:
+    """Median `pytest --version` wall time with the plugin and with it blocked, in an empty dir."""
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as empty:
+        with_plugin = [run_once([py, "-m", "pytest", "--version"], cwd=empty)[0] for _ in range(repeat)]
+        without = [run_once([py, "-m", "pytest", "-p", "no:ckptparity", "--version"], cwd=empty)[0] for _ in range(repeat)]
+    return statistics.median(with_plugin), statistics.median(without)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=1.1, help="approximate size of each checkpoint")
-    p.add_argument("--dir", default="/tmp/ckptbench", help="where the pair is written (reused when present)")
+    p.add_argument("--gb", type=float, default=1.1, help="arrays per checkpoint, in GB (default 1.1)")
+    p.add_argument("--scale", type=float, default=0, help="also run a pair this many times larger and compare RSS")
+    p.add_argument("--chunk-mb", type=float, default=0, help="cap stored chunks at this many MiB (0: orbax default, one chunk per array)")
+    p.add_argument("--perturb", action="store_true", help="write B a few ulps off A (tolerance path, not the bitwise fast path)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per contender (median wall time)")
     p.add_argument("--skip-restore", action="store_true", help="skip the restore-everything baseline")
+    p.add_argument("--dir", default="/tmp/ckptbench", help="where pairs are written (reused when present)")
+    p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
-    root = Path(args.dir) / f"{args.gb:g}gb"
-    root.mkdir(parents=True, exist_ok=True)
-    a, b = write_pair(root, args.gb)
-    py = sys.executable
-    cli = [py, "-m", "pytest_ckptparity.cli", a, b, "--color", "no"]
-    measure("floor (tensorstore only)", [py, "-c", FLOOR, a, b])  # warm the page cache once
-    floor, floor_rss = measure("floor (tensorstore only)", [py, "-c", FLOOR, a, b])
-    if not args.skip_restore:
-        restore, restore_rss = measure("restore-everything", [py, "-c", RESTORE, a, b])
-    ours, ours_rss = measure("ckptparity A B", cli)
-    structure, _ = measure("ckptparity --structure-only", cli + ["--structure-only"])
-    print(f"\nckptparity / floor = {ours / floor:.2f}x (target <= 1.25x)")
-    if not args.skip_restore:
-        print(f"ckptparity / restore-everything = {ours / restore:.2f}x; RSS {ours_rss:.0f} MB vs {restore_rss:.0f} MB")
-    print(f"structure-only: {structure:.2f} s (target < 1 s); peak RSS {ours_rss:.0f} MB (target <= 600 MB)")
+    base = Path(args.dir)
+    results: dict = {"machine": f"{os.cpu_count()} cores, python {sys.version.split()[0]}"}
+
+    a, b, desc = write_pair(base, args.gb, args.chunk_mb, args.perturb)
+    print(f"pair: {desc}")
+    first = bench_pair(a, b, args.repeat, not args.skip_restore)
+    results["pair"] = {"desc": desc, **first}
+    ratio = first["ckptparity"][0] / first["floor"][0]
+    print(f"\n  ckptparity / floor = {ratio:.2f}x (target <= 1.25x)")
+    if "restore" in first:
+        r = first["restore"]
+        print(f"  ckptparity / restore-everything = {first['ckptparity'][0] / r[0]:.2f}x time, {first['ckptparity'][1] / r[1]:.2f}x RSS")
+    print(f"  peak RSS {first['ckptparity'][1]:.0f} MB (target <= 600 MB); structure-only {first['structure'][0]:.2f} s (target < 1 s)")
+
+    if args.scale:
+        a3, b3, desc3 = write_pair(base, args.gb * args.scale, args.chunk_mb, args.perturb)
+        print(f"\npair x{args.scale:g}: {desc3}")
+        big = bench_pair(a3, b3, args.repeat, False)
+        results["scaled"] = {"desc": desc3, **big}
+        growth = big["ckptparity"][1] / first["ckptparity"][1] - 1
+        print(f"\n  RSS growth at x{args.scale:g}: {growth:+.1%} (target <= +10%); ckptparity / floor = {big['ckptparity'][0] / big['floor'][0]:.2f}x")
+
+    with_plugin, without = import_cost(max(args.repeat, 7))
+    results["pytest_version"] = {"with": with_plugin, "without": without}
+    print(f"\npytest --version: {with_plugin * 1000:.0f} ms with the plugin, {without * 1000:.0f} ms with -p no:ckptparity: "
+          f"+{(with_plugin - without) * 1000:.0f} ms (target <= 50 ms)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

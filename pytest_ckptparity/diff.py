@@ -38,8 +38,9 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 }
 EXACT = Tolerance(atol=0.0, rtol=0.0, exact=True)
 DEFAULT_READ_BUDGET = 256 << 20  # decoded bytes held at once, both sides, compared block included
+TRIM_AFTER_BYTES = 16 << 20  # after a block this large, freed heap pages go back to the OS
 BLOCK_SHARE = 8  # a block (one side) takes at most budget / BLOCK_SHARE: several in flight
-PIECE_ELEMENTS = 1 << 20  # elements compared at once: bounds every temporary
+PIECE_ELEMENTS = 1 << 17  # elements compared at once: bounds every temporary
 FIRST_INDICES = 5
 COUNTER_NAMES = frozenset({"step", "count"})  # compared by value across integer dtypes
 DTYPE_POLICIES = ("strict", "cast")
@@ -176,63 +177,104 @@ def compare_block(
     """Compare one block (same shape) and fold the outcome into `acc`.
 
     `origin` is the block's offset in canonical coordinates, so indices are reported in the
-    whole leaf's coordinates (layer first when `layered`).
+    whole leaf's coordinates (layer first when `layered`). Work goes piece by piece, so no
+    temporary is larger than `PIECE_ELEMENTS` elements.
     """
     a = np.asarray(a)
     b = np.asarray(b)
     origin = origin or (0,) * a.ndim
+    floating = a.dtype.kind in "fc" or _kind(a.dtype.name) == "float"
     for piece in _pieces(a.shape, PIECE_ELEMENTS):
         pa, pb = a[piece], b[piece]
-        n = pa.size
-        acc.n_total += n
-        if n == 0:
+        acc.n_total += pa.size
+        if pa.size == 0:
             continue
+        if _bitwise_equal(pa, pb) and (equal_nan or not floating or not _has_nan(pa)):
+            continue  # the fast path: no arithmetic at all
         starts = tuple(origin[i] + (piece[i].start if i < len(piece) else 0) for i in range(a.ndim))
-        floating = pa.dtype.kind in "fc" or _kind(pa.dtype.name) == "float"
-        if _bitwise_equal(pa, pb) and not (floating and not equal_nan and np.isnan(pa.astype(np.float32)).any()):
-            continue
         if tol.exact or not floating:
-            x = pa.astype(np.float64) if pa.dtype.kind != "b" else pa.astype(np.int8).astype(np.float64)
-            y = pb.astype(np.float64) if pb.dtype.kind != "b" else pb.astype(np.int8).astype(np.float64)
-            bad = pa != pb
-            finite_bad = bad
-            d = np.abs(x - y)
+            bad, d, finite = _exact_piece(pa, pb, acc)
         else:
-            x = pa.astype(np.float64)
-            y = pb.astype(np.float64)
-            finite = np.isfinite(x) & np.isfinite(y)
-            with np.errstate(invalid="ignore", over="ignore"):
-                d = np.abs(x - y)
-                # Tolerance applies to finite pairs only: inf - (-inf) is within rtol*inf.
-                ok = (finite & (d <= tol.atol + tol.rtol * np.abs(y))) | (x == y)
-            if equal_nan:
-                ok |= np.isnan(x) & np.isnan(y)
-            bad = ~ok
-            finite_bad = bad & finite
-            acc.n_nonfinite += int(np.count_nonzero(bad & ~finite))
-            d = np.where(finite, d, 0.0)
-        n_bad = int(np.count_nonzero(bad))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(d > 0, d / np.abs(y), 0.0)
-        acc.max_abs = max(acc.max_abs, float(d.max()))
-        acc.max_rel = max(acc.max_rel, float(np.nan_to_num(rel, nan=0.0, posinf=np.inf).max()))
-        if not n_bad:
-            continue
-        acc.n_mismatch += n_bad
-        pick = finite_bad if finite_bad.any() else bad
-        flat = int(np.argmax(np.where(pick, d, -1.0)))
-        local = np.unravel_index(flat, pa.shape)
-        score = float(d.reshape(-1)[flat]) if pick is finite_bad and finite_bad.any() else math.inf
-        if acc.worst is None or score > acc.worst[0]:
-            index = tuple(int(s + l) for s, l in zip(starts, local))
-            acc.worst = (score, index, _scalar(pa[local]), _scalar(pb[local]))
-        if len(acc.first) < FIRST_INDICES:
-            for f in np.flatnonzero(bad)[: FIRST_INDICES - len(acc.first)]:
-                loc = np.unravel_index(int(f), pa.shape)
-                acc.first.append(tuple(int(s + l) for s, l in zip(starts, loc)))
-        if layered:
-            rows = np.unravel_index(np.flatnonzero(bad), pa.shape)[0]
-            acc.layers.update(int(starts[0] + r) for r in np.unique(rows))
+            bad, d, finite = _tolerant_piece(pa, pb, tol, equal_nan, acc)
+        if bad.size:
+            _record_mismatches(pa, pb, bad, d, finite, starts, layered, acc)
+
+
+def _has_nan(x: np.ndarray) -> bool:
+    return bool(np.isnan(x if x.dtype.kind == "c" else x.astype(np.float32)).any())
+
+
+def _exact_piece(pa: np.ndarray, pb: np.ndarray, acc: _Accumulator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integers, booleans: flat indices of the differing elements and their |a - b|."""
+    bad = np.flatnonzero(pa != pb)
+    xs, ys = pa.reshape(-1)[bad].astype(np.float64), pb.reshape(-1)[bad].astype(np.float64)
+    d = np.abs(xs - ys)
+    if bad.size:
+        with np.errstate(divide="ignore"):
+            acc.max_abs = max(acc.max_abs, float(d.max()))
+            acc.max_rel = max(acc.max_rel, float((d / np.abs(ys)).max()))
+    return bad, d, np.ones(bad.size, bool)
+
+
+def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: bool, acc: _Accumulator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Floats: `|a - b| <= atol + rtol * |b|` for finite pairs; NaN and inf compared as values.
+
+    Arithmetic is in float32 for float32 and narrower inputs (exact for bfloat16/float16, and
+    float32's own rounding is far below any tolerance), float64 or complex128 otherwise. The
+    full-piece passes are few; NaN/inf rules run only on the elements that failed the test.
+    Returns flat indices of the mismatches, their |a - b| and whether each pair is finite.
+    """
+    work = np.complex128 if pa.dtype.kind == "c" else np.float64 if pa.dtype.itemsize >= 8 else np.float32
+    x = np.ascontiguousarray(pa, dtype=work).reshape(-1)
+    y = np.ascontiguousarray(pb, dtype=work).reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        d = np.abs(x - y)  # NaN when either is NaN or for inf - inf; inf against a finite value
+        ay = np.abs(y)
+        limit = ay * tol.rtol
+        limit += tol.atol
+        fails = ~(d <= limit)  # NaN compares False: NaN pairs and inf - inf land here
+        fails |= ay == np.inf  # a finite or opposite inf against inf B: within rtol * inf, yet different
+        max_abs = np.fmax.reduce(d)  # ignores NaN
+        if not math.isfinite(max_abs):  # an inf pair: stats cover finite pairs only
+            d = np.where(np.isfinite(x) & np.isfinite(y), d, 0)
+            max_abs = d.max()
+        max_rel = np.fmax.reduce(d / ay)  # 0/0 is NaN and ignored; d/0 is inf
+    acc.max_abs = max(acc.max_abs, float(max_abs))
+    acc.max_rel = max(acc.max_rel, 0.0 if math.isnan(max_rel) else float(max_rel))
+    bad = np.flatnonzero(fails)
+    if bad.size:
+        xs, ys = x[bad], y[bad]
+        ok = xs == ys  # inf == inf
+        if equal_nan:
+            ok |= np.isnan(xs) & np.isnan(ys)
+        bad = bad[~ok]
+    finite = np.isfinite(x[bad]) & np.isfinite(y[bad])
+    acc.n_nonfinite += int(np.count_nonzero(~finite))
+    return bad, d[bad], finite
+
+
+def _record_mismatches(
+    pa: np.ndarray, pb: np.ndarray, bad: np.ndarray, d: np.ndarray, finite: np.ndarray,
+    starts: tuple[int, ...], layered: bool, acc: _Accumulator,
+) -> None:
+    """Count the piece's mismatches (flat indices `bad`) and keep the worst and the first."""
+    acc.n_mismatch += int(bad.size)
+    # The worst is the finite mismatch with the largest |a - b|, wherever it is; only when
+    # there is none does the first NaN/inf mismatch stand for the leaf (score -inf never wins).
+    if finite.any():
+        j = int(np.argmax(np.where(finite, d, -1.0)))
+        score = float(d[j])
+    else:
+        j, score = 0, -math.inf
+    if acc.worst is None or score > acc.worst[0]:
+        local = np.unravel_index(int(bad[j]), pa.shape)
+        acc.worst = (score, tuple(int(s + l) for s, l in zip(starts, local)), _scalar(pa[local]), _scalar(pb[local]))
+    for f in bad[: max(0, FIRST_INDICES - len(acc.first))]:
+        local = np.unravel_index(int(f), pa.shape)
+        acc.first.append(tuple(int(s + l) for s, l in zip(starts, local)))
+    if layered:
+        rows = np.unravel_index(bad, pa.shape)[0]
+        acc.layers.update(int(starts[0] + r) for r in np.unique(rows))
 
 
 # --------------------------------------------------------------------------------------
@@ -420,8 +462,28 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
         _compare_values(job, a, b, job.blocks[i], opts)
         del a, b, pa, pb
         held -= cost
+        if cost >= TRIM_AFTER_BYTES:
+            _return_freed_memory()
         if i == len(job.blocks) - 1:
             yield pos, _finish(job)
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them per thread arena otherwise, so
+    RSS would creep up with every large block decoded on tensorstore's threads)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:

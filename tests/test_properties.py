@@ -104,3 +104,60 @@ def test_changes_within_tolerance_pass_beyond_fail(shape, seed, dtype):
         beyond.reshape(-1)[0] = beyond.reshape(-1)[0] + dtype(1.0)
         report = compare_checkpoints({"x": beyond}, {"x": b}, **tol)
         assert report.mismatches[0].stats.worst_index == np.unravel_index(0, shape)
+
+
+def _reference_mismatches(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, equal_nan: bool) -> list[int]:
+    """The value rules written out element by element, in float64: flat indices that differ."""
+    bad = []
+    for i, (p, q) in enumerate(zip(a.astype(np.float64).ravel(), b.astype(np.float64).ravel())):
+        if np.isnan(p) or np.isnan(q):
+            ok = equal_nan and np.isnan(p) and np.isnan(q)
+        elif np.isinf(p) or np.isinf(q):
+            ok = p == q
+        else:
+            ok = abs(p - q) <= atol + rtol * abs(q)
+        if not ok:
+            bad.append(i)
+    return bad
+
+
+SPECIALS = [0.0, 0.5, 2.0, np.nan, np.inf, -np.inf]  # 0.5 / 2.0: that many times the tolerance
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple), seed=st.integers(0, 10_000),
+       dtype=st.sampled_from([np.float32, ml_dtypes.bfloat16, np.float64]), equal_nan=st.booleans(),
+       piece=st.integers(1, 8))
+def test_kernel_agrees_with_the_rules_written_out(shape, seed, dtype, equal_nan, piece):
+    """Random NaN, inf and offsets well inside or outside the tolerance, cut in tiny pieces."""
+    from pytest_ckptparity import diff as diff_mod
+
+    rng = np.random.default_rng(seed)
+    atol, rtol = 1e-2, 1e-2
+    b = rng.standard_normal(shape)
+    kinds = rng.choice(len(SPECIALS), size=shape)
+    a = b.copy()
+    for k, special in enumerate(SPECIALS):
+        where = kinds == k
+        if k < 3:
+            a[where] = b[where] + special * (atol + rtol * np.abs(b[where]))
+        else:
+            a[where] = special
+    b[rng.random(shape) < 0.1] = np.nan  # some NaN and inf in B too
+    b[rng.random(shape) < 0.1] = np.inf
+    a, b = a.astype(dtype), b.astype(dtype)
+    expected = _reference_mismatches(a, b, atol, rtol, equal_nan)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diff_mod, "PIECE_ELEMENTS", piece)
+        report = compare_checkpoints({"x": a}, {"x": b}, atol=atol, rtol=rtol, equal_nan=equal_nan)
+    stats = report.results[0].stats
+    assert stats.n_mismatch == len(expected)
+    assert list(stats.first_indices) == [np.unravel_index(i, shape) for i in expected[:5]]
+    finite = [i for i in expected if np.isfinite(a.astype(np.float64).ravel()[i]) and np.isfinite(b.astype(np.float64).ravel()[i])]
+    assert stats.n_nonfinite == len(expected) - len(finite)
+    if finite:  # the worst is a finite mismatch with the largest difference (ties: any of them)
+        diffs = np.abs(a.astype(np.float64).ravel()[finite] - b.astype(np.float64).ravel()[finite])
+        at_worst = abs(a.astype(np.float64)[stats.worst_index] - b.astype(np.float64)[stats.worst_index])
+        assert np.isclose(at_worst, diffs.max(), rtol=1e-6, atol=0)
+    elif expected:
+        assert stats.worst_index == np.unravel_index(expected[0], shape)
