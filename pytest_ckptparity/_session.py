@@ -100,6 +100,17 @@ def parse_tolerance_lines(lines: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def mib_to_bytes(source: str, text: str) -> int:
+    """A positive size in MiB (fractions allowed), as bytes."""
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not (mib > 0 and mib * 2**20 >= 1 and mib != float("inf")):
+        raise pytest.UsageError(f"{source} must be a positive number of MiB, got {text!r}.")
+    return int(mib * 2**20)
+
+
 def parse_named(lines: list[str], source: str) -> dict[str, str]:
     """`name = path` (ini) or `name=path` (--ckpt)."""
     out: dict[str, str] = {}
@@ -147,6 +158,10 @@ def build_settings(config: pytest.Config) -> Settings:
         "format_b": s.format_b,
         "ignore_rngs": s.ignore_rngs,
     }
+    budget = opt.ckpt_read_budget if opt.ckpt_read_budget is not None else (config.getini("ckpt_read_budget") or None)
+    if budget is not None:
+        source = "--ckpt-read-budget" if opt.ckpt_read_budget is not None else "ckpt_read_budget"
+        kwargs["read_budget"] = mib_to_bytes(source, str(budget))
     s.helper_kwargs = kwargs
     return s
 

@@ -80,6 +80,11 @@ def _tolerance_map(value: Optional[Mapping[str, Mapping[str, float]]]) -> dict[s
     return out
 
 
+# The keyword arguments of `make_options`: callers holding every helper keyword in one dict
+# (the pytest plugin) split it with this.
+OPTION_NAMES = ("atol", "rtol", "tolerances", "include", "exclude", "compare_values", "equal_nan", "dtype_policy", "read_budget")
+
+
 def make_options(
     *, atol: Any = None, rtol: Any = None, tolerances: Optional[Mapping[str, Mapping[str, float]]] = None,
     include: Any = None, exclude: Any = None, compare_values: bool = True, equal_nan: bool = True,
@@ -88,7 +93,7 @@ def make_options(
     """Validated `CompareOptions`; bad values raise `CkptParityUsageError` with one sentence."""
     if dtype_policy not in DTYPE_POLICIES:
         raise CkptParityUsageError(f"dtype_policy must be one of {', '.join(DTYPE_POLICIES)}, got {dtype_policy!r}.")
-    if not isinstance(read_budget, int) or read_budget <= 0:
+    if not isinstance(read_budget, int) or isinstance(read_budget, bool) or read_budget <= 0:
         raise CkptParityUsageError(f"read_budget must be a positive number of bytes, got {read_budget!r}.")
     return CompareOptions(
         atol=_check_tol("atol", atol), rtol=_check_tol("rtol", rtol), tolerances=_tolerance_map(tolerances),

@@ -34,6 +34,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-b", metavar="LAYOUT", help="force B's layout")
     p.add_argument("--compare-rngs", action="store_true", help="also compare NNX RNG state")
     p.add_argument("--no-equal-nan", action="store_true", help="a NaN never equals a NaN")
+    p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 192; a larger stored chunk is still read whole)")
     p.add_argument("--report", metavar="PATH", help="write every leaf's result and the totals as JSON")
     p.add_argument("--max-rows", type=int, default=20, help="rows shown before '... and K more' (0: all)")
     p.add_argument("--color", choices=("auto", "yes", "no"), default="auto")
@@ -55,6 +56,14 @@ def _tolerances(lines: Sequence[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _budget_bytes(mib: float) -> int:
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    if not (mib > 0 and mib * 2**20 >= 1 and mib != float("inf")):
+        raise CkptParityUsageError(f"--read-budget must be a positive number of MiB, got {mib:g}.")
+    return int(mib * 2**20)
+
+
 def _color(choice: str) -> Optional[bool]:
     return None if choice == "auto" else choice == "yes"
 
@@ -69,6 +78,7 @@ def run_compare(argv: Sequence[str]) -> int:
         include=args.include, exclude=args.exclude, compare_values=not args.structure_only,
         equal_nan=not args.no_equal_nan, dtype_policy=args.dtype_policy, step=args.step,
         format_a=args.format_a, format_b=args.format_b, ignore_rngs=not args.compare_rngs,
+        **({} if args.read_budget is None else {"read_budget": _budget_bytes(args.read_budget)}),
     )
     print(render(report, color=_color(args.color), max_rows=args.max_rows or None))
     if args.report:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance(atol=1e-5, rtol=1e-3),
 }
 EXACT = Tolerance(atol=0.0, rtol=0.0, exact=True)
-DEFAULT_READ_BUDGET = 256 << 20  # decoded bytes held at once, both sides, compared block included
+DEFAULT_READ_BUDGET = 192 << 20  # decoded bytes held at once, both sides, compared block included
 TRIM_AFTER_BYTES = 16 << 20  # after a block this large, freed heap pages go back to the OS
 BLOCK_SHARE = 8  # a block (one side) takes at most budget / BLOCK_SHARE: several in flight
 PIECE_ELEMENTS = 1 << 17  # elements compared at once: bounds every temporary
@@ -151,6 +152,18 @@ class _Accumulator:
         self.layers: set[int] = set()
         self.bytes_read = 0
 
+    def merge(self, other: "_Accumulator") -> None:
+        """Fold in the stats of a later piece (order matters for `first` and ties)."""
+        self.n_total += other.n_total
+        self.n_mismatch += other.n_mismatch
+        self.n_nonfinite += other.n_nonfinite
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_rel = max(self.max_rel, other.max_rel)
+        if other.worst is not None and (self.worst is None or other.worst[0] > self.worst[0]):
+            self.worst = other.worst
+        self.first.extend(other.first[: max(0, FIRST_INDICES - len(self.first))])
+        self.layers |= other.layers
+
     def stats(self) -> ValueStats:
         w = self.worst
         return ValueStats(
@@ -178,26 +191,50 @@ def compare_block(
 
     `origin` is the block's offset in canonical coordinates, so indices are reported in the
     whole leaf's coordinates (layer first when `layered`). Work goes piece by piece, so no
-    temporary is larger than `PIECE_ELEMENTS` elements.
+    temporary is larger than `PIECE_ELEMENTS` elements: first a bitwise pass (identical
+    pieces cost nothing more), then the arithmetic on the pieces that differ, spread over the
+    CPU cores (numpy releases the GIL), merged in order so the result does not depend on it.
     """
     a = np.asarray(a)
     b = np.asarray(b)
     origin = origin or (0,) * a.ndim
     floating = a.dtype.kind in "fc" or _kind(a.dtype.name) == "float"
+    differing = []
     for piece in _pieces(a.shape, PIECE_ELEMENTS):
         pa, pb = a[piece], b[piece]
         acc.n_total += pa.size
-        if pa.size == 0:
-            continue
-        if _bitwise_equal(pa, pb) and (equal_nan or not floating or not _has_nan(pa)):
-            continue  # the fast path: no arithmetic at all
+        if pa.size and not (_bitwise_equal(pa, pb) and (equal_nan or not floating or not _has_nan(pa))):
+            differing.append(piece)
+    if not differing:
+        return
+
+    def work(piece: tuple[slice, ...]) -> _Accumulator:
+        part = _Accumulator()
+        pa, pb = a[piece], b[piece]
         starts = tuple(origin[i] + (piece[i].start if i < len(piece) else 0) for i in range(a.ndim))
         if tol.exact or not floating:
-            bad, d, finite = _exact_piece(pa, pb, acc)
+            bad, d, finite = _exact_piece(pa, pb, part)
         else:
-            bad, d, finite = _tolerant_piece(pa, pb, tol, equal_nan, acc)
+            bad, d, finite = _tolerant_piece(pa, pb, tol, equal_nan, part)
         if bad.size:
-            _record_mismatches(pa, pb, bad, d, finite, starts, layered, acc)
+            _record_mismatches(pa, pb, bad, d, finite, starts, layered, part)
+        return part
+
+    parts = map(work, differing) if len(differing) == 1 else _pool().map(work, differing)
+    for part in parts:
+        acc.merge(part)
+
+
+_executor: Any = None
+
+
+def _pool() -> Any:
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _executor = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), thread_name_prefix="ckptparity-compare")
+    return _executor
 
 
 def _has_nan(x: np.ndarray) -> bool:
@@ -228,17 +265,20 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
     x = np.ascontiguousarray(pa, dtype=work).reshape(-1)
     y = np.ascontiguousarray(pb, dtype=work).reshape(-1)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        d = np.abs(x - y)  # NaN when either is NaN or for inf - inf; inf against a finite value
+        d = np.subtract(x, y)
+        d = np.abs(d, out=d) if d.dtype == work else np.abs(d)  # NaN for NaN or inf - inf pairs
         ay = np.abs(y)
-        limit = ay * tol.rtol
+        limit = np.multiply(ay, tol.rtol, out=np.empty_like(ay, dtype=d.dtype))
         limit += tol.atol
-        fails = ~(d <= limit)  # NaN compares False: NaN pairs and inf - inf land here
-        fails |= ay == np.inf  # a finite or opposite inf against inf B: within rtol * inf, yet different
+        fails = np.less_equal(d, limit)
+        np.logical_not(fails, out=fails)  # NaN compares False: NaN pairs and inf - inf land here
+        if np.fmax.reduce(ay) == np.inf:  # anything but the same inf against an inf B is within
+            fails |= ay == np.inf         # rtol * inf, yet different
         max_abs = np.fmax.reduce(d)  # ignores NaN
         if not math.isfinite(max_abs):  # an inf pair: stats cover finite pairs only
             d = np.where(np.isfinite(x) & np.isfinite(y), d, 0)
             max_abs = d.max()
-        max_rel = np.fmax.reduce(d / ay)  # 0/0 is NaN and ignored; d/0 is inf
+        max_rel = np.fmax.reduce(np.divide(d, ay, out=limit))  # 0/0 is NaN and ignored; d/0 is inf
     acc.max_abs = max(acc.max_abs, float(max_abs))
     acc.max_rel = max(acc.max_rel, 0.0 if math.isnan(max_rel) else float(max_rel))
     bad = np.flatnonzero(fails)

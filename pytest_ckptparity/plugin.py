@@ -43,9 +43,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt-format-a", dest="ckpt_format_a", metavar="LAYOUT", help="force A's layout instead of detecting it.")
     g.addoption("--ckpt-format-b", dest="ckpt_format_b", metavar="LAYOUT", help="force B's layout instead of detecting it.")
     g.addoption("--ckpt-compare-rngs", dest="ckpt_compare_rngs", action="store_true", help="also compare NNX RNG state (ignored by default).")
+    g.addoption("--ckpt-read-budget", dest="ckpt_read_budget", metavar="MIB", help="decoded array data held at once per comparison, in MiB (default: 192; a larger stored chunk is still read whole).")
     parser.addini("ckpt_atol", "absolute tolerance for checkpoint parity (command line --atol wins).", default="")
     parser.addini("ckpt_rtol", "relative tolerance for checkpoint parity (command line --rtol wins).", default="")
     parser.addini("ckpt_tolerances", "per-path tolerances, one 'glob atol rtol' per line.", type="linelist", default=[])
+    parser.addini("ckpt_read_budget", "decoded array data held at once per comparison, in MiB (--ckpt-read-budget wins).", default="")
     parser.addini("ckpt_paths", "named checkpoints, one 'name = path' per line.", type="linelist", default=[])
 
 
@@ -128,10 +130,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def _comparison(config: pytest.Config, settings: Settings) -> Any:
     if comparison_key not in config.stash:
-        from pytest_ckptparity.api import Comparison, make_options
+        from pytest_ckptparity.api import OPTION_NAMES, Comparison, make_options
 
         kw = dict(settings.helper_kwargs)
-        options = make_options(**{k: kw.pop(k) for k in ("atol", "rtol", "tolerances", "include", "exclude", "compare_values", "dtype_policy")})
+        options = make_options(**{k: kw.pop(k) for k in OPTION_NAMES if k in kw})
         a = open_cached(config, settings.ckpt_a, "A")
         b = open_cached(config, settings.ckpt_b, "B")
         config.stash[comparison_key] = Comparison(a, b, options=options, **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs")})

@@ -137,6 +137,10 @@ def test_unknown_layout_and_bad_cli_options(samples):
     assert code == 2 and "atol must be a non-negative number, got -1.0." in err
     code, err = cli(samples["maxtext_decode_scan"], samples["maxtext_decode_scan"], "--dtype-policy", "loose")
     assert code == 2 and "invalid choice: 'loose'" in err
+    code, err = cli(samples["maxtext_decode_scan"], samples["maxtext_decode_scan"], "--read-budget", "0")
+    assert code == 2 and "--read-budget must be a positive number of MiB, got 0." in err
+    # A budget far below one stored chunk still gives the verdict: the chunk is read whole.
+    assert main([samples["maxtext_decode_scan"], samples["maxtext_decode_unroll"], "--read-budget", "0.001", "--color", "no"]) == 0
 
 
 def test_cli_exit_codes_and_inspect(samples, tmp_path):

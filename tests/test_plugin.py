@@ -82,12 +82,24 @@ def test_one_sided_leaves_form_their_own_failing_item(pytester, samples):
     (["--atol=-1"], "ERROR: --atol must be a non-negative number, got '-1'."),
     (["--ckpt-dtype-policy=loose"], "*argument --ckpt-dtype-policy: invalid choice: 'loose'*"),
     (["--ckpt", "noequals"], "ERROR: --ckpt entry 'noequals' must read 'NAME=PATH'."),
+    (["--ckpt-read-budget=lots"], "ERROR: --ckpt-read-budget must be a positive number of MiB, got 'lots'."),
+    (["--ckpt-read-budget=-3"], "ERROR: --ckpt-read-budget must be a positive number of MiB, got '-3'."),
 ])
 def test_bad_options_are_usage_errors(pytester, args, message):
     result = run(pytester, *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_read_budget_from_ini_is_checked(pytester):
+    pytester.makeini("""
+        [pytest]
+        ckpt_read_budget = none
+    """)
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: ckpt_read_budget must be a positive number of MiB, got 'none'."])
 
 
 @pytest.mark.parametrize("xdist", XDIST)
@@ -168,7 +180,7 @@ def test_xdist_workers_together_read_each_array_once(pytester, demo_ckpts, tmp_p
 
     views = Comparison(demo_ckpts["linen"], demo_ckpts["nnx"]).views
     every_array = sum(math.prod(l.shape) * np.dtype(l.dtype).itemsize for v in views for l in v.leaves.values())
-    for label, extra in (("serial", []), ("n2", ["-n", "2"]), ("n3", ["-n", "3"])):
+    for label, extra in (("serial", []), ("n2", ["-n", "2"]), ("n3-tiny-budget", ["-n", "3", "--ckpt-read-budget=0.002"])):
         report = tmp_path / f"{label}.json"
         result = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx']}", f"--ckpt-report={report}", *extra)
         assert result.ret == 0
