@@ -34,7 +34,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--format-b", metavar="LAYOUT", help="force B's layout")
     p.add_argument("--compare-rngs", action="store_true", help="also compare NNX RNG state")
     p.add_argument("--no-equal-nan", action="store_true", help="a NaN never equals a NaN")
-    p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 192; a larger stored chunk is still read whole)")
+    p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 256; a larger stored chunk is still read whole)")
     p.add_argument("--report", metavar="PATH", help="write every leaf's result and the totals as JSON")
     p.add_argument("--max-rows", type=int, default=20, help="rows shown before '... and K more' (0: all)")
     p.add_argument("--color", choices=("auto", "yes", "no"), default="auto")
@@ -56,6 +56,18 @@ def _tolerances(lines: Sequence[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _return_large_blocks_to_the_os() -> None:
+    """In this process only (the library leaves a host process's malloc alone): glibc
+    allocations of 4 MiB and more are mmapped, so freed decode buffers go back to the OS at
+    once instead of lingering in tensorstore threads' arenas; about 100 MB less peak RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _budget_bytes(mib: float) -> int:
     from pytest_ckptparity.errors import CkptParityUsageError
 
@@ -73,6 +85,7 @@ def run_compare(argv: Sequence[str]) -> int:
     from pytest_ckptparity.report import render
 
     args = _compare_parser().parse_args(argv)
+    _return_large_blocks_to_the_os()
     report = compare_checkpoints(
         args.a, args.b, atol=args.atol, rtol=args.rtol, tolerances=_tolerances(args.tolerance),
         include=args.include, exclude=args.exclude, compare_values=not args.structure_only,

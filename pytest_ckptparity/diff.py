@@ -38,7 +38,7 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance(atol=1e-5, rtol=1e-3),
 }
 EXACT = Tolerance(atol=0.0, rtol=0.0, exact=True)
-DEFAULT_READ_BUDGET = 192 << 20  # decoded bytes held at once, both sides, compared block included
+DEFAULT_READ_BUDGET = 256 << 20  # decoded bytes held at once, both sides, compared block included
 TRIM_AFTER_BYTES = 16 << 20  # after a block this large, freed heap pages go back to the OS
 BLOCK_SHARE = 8  # a block (one side) takes at most budget / BLOCK_SHARE: several in flight
 PIECE_ELEMENTS = 1 << 17  # elements compared at once: bounds every temporary

@@ -43,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt-format-a", dest="ckpt_format_a", metavar="LAYOUT", help="force A's layout instead of detecting it.")
     g.addoption("--ckpt-format-b", dest="ckpt_format_b", metavar="LAYOUT", help="force B's layout instead of detecting it.")
     g.addoption("--ckpt-compare-rngs", dest="ckpt_compare_rngs", action="store_true", help="also compare NNX RNG state (ignored by default).")
-    g.addoption("--ckpt-read-budget", dest="ckpt_read_budget", metavar="MIB", help="decoded array data held at once per comparison, in MiB (default: 192; a larger stored chunk is still read whole).")
+    g.addoption("--ckpt-read-budget", dest="ckpt_read_budget", metavar="MIB", help="decoded array data held at once per comparison, in MiB (default: 256; a larger stored chunk is still read whole).")
     parser.addini("ckpt_atol", "absolute tolerance for checkpoint parity (command line --atol wins).", default="")
     parser.addini("ckpt_rtol", "relative tolerance for checkpoint parity (command line --rtol wins).", default="")
     parser.addini("ckpt_tolerances", "per-path tolerances, one 'glob atol rtol' per line.", type="linelist", default=[])
