@@ -4,6 +4,7 @@
     python benchmarks/compare_speed.py --scale 3            # and a 3x pair: does RSS stay flat?
     python benchmarks/compare_speed.py --chunk-mb 64 --scale 3   # chunks capped, as MaxText can
     python benchmarks/compare_speed.py --perturb            # B within tolerance, not bit-identical
+    python benchmarks/compare_speed.py --b-per-layer        # B unscanned (layers_N): stacked vs per-layer
 
 Writes pairs of MaxText-layout Linen TrainStates (float32 params + Adam mu + nu, scanned
 layers, OCDBT, zarr, zstd) holding about `--gb` GB of arrays each (depth is what grows), then
@@ -64,8 +65,8 @@ WRITE = r'''
 import sys, numpy as np
 from pathlib import Path
 from pytest_ckptparity import examples as ex
-root, layers, chunk_mb, perturb = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
-emb, heads, head_dim, mlp, vocab = (int(x) for x in sys.argv[5:10])
+root, layers, chunk_mb, perturb, per_layer = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1"
+emb, heads, head_dim, mlp, vocab = (int(x) for x in sys.argv[6:11])
 params = ex.tiny_params(0, layers=layers, emb=emb, heads=heads, head_dim=head_dim, mlp=mlp, vocab=vocab)
 chunk = int(chunk_mb * 2**20) or None
 ex.save(root / "a", ex.linen_train_state(params), step=0, chunk_byte_size=chunk)
@@ -76,6 +77,8 @@ if perturb:  # a few ulps: a recomputed model, within float32's default toleranc
     def walk(t):
         return {k: walk(v) for k, v in t.items()} if isinstance(t, dict) else nudge(t)
     params = walk(params)
+if per_layer:
+    params = ex.unstack(params, "layers_N")
 ex.save(root / "b", ex.linen_train_state(params), step=0, chunk_byte_size=chunk)
 '''
 
@@ -84,20 +87,21 @@ def layers_for(gb: float) -> int:
     return max(1, round((gb * 1e9 / 12 - FIXED) / PER_LAYER))
 
 
-def write_pair(base: Path, gb: float, chunk_mb: float, perturb: bool) -> tuple[str, str, str]:
+def write_pair(base: Path, gb: float, chunk_mb: float, perturb: bool, per_layer: bool = False) -> tuple[str, str, str]:
     """Written in a child process, so this one stays small; reused when already there."""
     layers = layers_for(gb)
-    root = base / f"{gb:g}gb-chunk{chunk_mb:g}mb{'-perturbed' if perturb else ''}"
+    root = base / f"{gb:g}gb-chunk{chunk_mb:g}mb{'-perturbed' if perturb else ''}{'-b-per-layer' if per_layer else ''}"
     if not (root / "b" / "0" / "commit_success.txt").exists():
         root.mkdir(parents=True, exist_ok=True)
-        args = [str(root), str(layers), str(chunk_mb), "1" if perturb else "0", *(str(x) for x in (EMB, HEADS, HEAD_DIM, MLP, VOCAB))]
+        flags = ["1" if perturb else "0", "1" if per_layer else "0"]
+        args = [str(root), str(layers), str(chunk_mb), *flags, *(str(x) for x in (EMB, HEADS, HEAD_DIM, MLP, VOCAB))]
         subprocess.run([sys.executable, "-c", WRITE, *args], check=True, capture_output=True, text=True)
     arrays = 12 * (FIXED + layers * PER_LAYER)
     disk = sum(f.stat().st_size for f in (root / "a").rglob("*") if f.is_file())
     largest = 4 * max(VOCAB * EMB, layers * EMB * MLP)
     desc = (f"{arrays / 1e9:.2f} GB of arrays each ({disk / 1e9:.2f} GB on disk), {layers} scanned layers, "
             f"largest array {largest / 2**20:.0f} MiB, chunks {'<= %g MiB' % chunk_mb if chunk_mb else 'one per array (orbax default)'}"
-            f"{', B perturbed within tolerance' if perturb else ''}")
+            f"{', B perturbed within tolerance' if perturb else ''}{', B unscanned (layers_N)' if per_layer else ''}")
     return str(root / "a"), str(root / "b"), desc
 
 
@@ -108,26 +112,35 @@ def run_once(cmd: list[str], cwd: str | None = None) -> tuple[float, float, int]
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
 
-def measure(label: str, cmd: list[str], repeat: int, expect_exit: int = 0) -> tuple[float, float]:
-    runs = [run_once(cmd) for _ in range(repeat)]
-    if any(code != expect_exit for _, _, code in runs):
-        raise SystemExit(f"{label}: exit codes {[c for _, _, c in runs]}, expected {expect_exit}: {' '.join(cmd)}")
+def report(label: str, runs: list[tuple[float, float, int]]) -> tuple[float, float]:
     wall = statistics.median(w for w, _, _ in runs)
     rss = max(r for _, r, _ in runs)
-    spread = f"  (runs: {', '.join(f'{w:.2f}' for w, _, _ in runs)})" if repeat > 1 else ""
+    spread = f"  (runs: {', '.join(f'{w:.2f}' for w, _, _ in runs)})" if len(runs) > 1 else ""
     print(f"  {label:<30} {wall:7.2f} s   peak RSS {rss:7.0f} MB{spread}")
     return wall, rss
 
 
+def checked(label: str, cmd: list[str]) -> tuple[float, float, int]:
+    run = run_once(cmd)
+    if run[2] != 0:
+        raise SystemExit(f"{label}: exit code {run[2]}: {' '.join(cmd)}")
+    return run
+
+
 def bench_pair(a: str, b: str, repeat: int, restore: bool) -> dict[str, tuple[float, float]]:
+    """Floor and ckptparity runs alternate, so a drift in the machine's speed hits both."""
     py = sys.executable
     cli = [py, "-m", "pytest_ckptparity.cli", a, b, "--color", "no"]
-    run_once([py, "-c", FLOOR, a, b])  # warm the page cache: every contender then reads from memory
-    out = {"floor": measure("floor (tensorstore only)", [py, "-c", FLOOR, a, b], repeat)}
+    contenders = {"floor": ("floor (tensorstore only)", [py, "-c", FLOOR, a, b]), "ckptparity": ("ckptparity A B", cli)}
+    run_once(contenders["floor"][1])  # warm the page cache: every contender then reads from memory
+    runs: dict[str, list] = {k: [] for k in contenders}
+    for _ in range(repeat):
+        for key, (label, cmd) in contenders.items():
+            runs[key].append(checked(label, cmd))
+    out = {key: report(label, runs[key]) for key, (label, _) in contenders.items()}
     if restore:
-        out["restore"] = measure("restore-everything", [py, "-c", RESTORE, a, b], 1)
-    out["ckptparity"] = measure("ckptparity A B", cli, repeat)
-    out["structure"] = measure("ckptparity --structure-only", cli + ["--structure-only"], repeat)
+        out["restore"] = report("restore-everything", [checked("restore", [py, "-c", RESTORE, a, b])])
+    out["structure"] = report("ckptparity --structure-only", [checked("structure", cli + ["--structure-only"]) for _ in range(repeat)])
     return out
 
 
@@ -146,7 +159,8 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0, help="also run a pair this many times larger and compare RSS")
     p.add_argument("--chunk-mb", type=float, default=0, help="cap stored chunks at this many MiB (0: orbax default, one chunk per array)")
     p.add_argument("--perturb", action="store_true", help="write B a few ulps off A (tolerance path, not the bitwise fast path)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per contender (median wall time)")
+    p.add_argument("--b-per-layer", action="store_true", help="write B unscanned (one array per layer): the stacked vs per-layer case")
+    p.add_argument("--repeat", type=int, default=5, help="runs per contender, floor and ckptparity alternating (median wall time)")
     p.add_argument("--skip-restore", action="store_true", help="skip the restore-everything baseline")
     p.add_argument("--dir", default="/tmp/ckptbench", help="where pairs are written (reused when present)")
     p.add_argument("--json", help="also write the figures here")
@@ -154,9 +168,10 @@ def main() -> None:
     base = Path(args.dir)
     results: dict = {"machine": f"{os.cpu_count()} cores, python {sys.version.split()[0]}"}
 
-    a, b, desc = write_pair(base, args.gb, args.chunk_mb, args.perturb)
+    a, b, desc = write_pair(base, args.gb, args.chunk_mb, args.perturb, args.b_per_layer)
     print(f"pair: {desc}")
-    first = bench_pair(a, b, args.repeat, not args.skip_restore)
+    # restore-everything zips leaves in order: only meaningful when both sides share a layout.
+    first = bench_pair(a, b, args.repeat, not (args.skip_restore or args.b_per_layer))
     results["pair"] = {"desc": desc, **first}
     ratio = first["ckptparity"][0] / first["floor"][0]
     print(f"\n  ckptparity / floor = {ratio:.2f}x (target <= 1.25x)")
@@ -166,7 +181,7 @@ def main() -> None:
     print(f"  peak RSS {first['ckptparity'][1]:.0f} MB (target <= 600 MB); structure-only {first['structure'][0]:.2f} s (target < 1 s)")
 
     if args.scale:
-        a3, b3, desc3 = write_pair(base, args.gb * args.scale, args.chunk_mb, args.perturb)
+        a3, b3, desc3 = write_pair(base, args.gb * args.scale, args.chunk_mb, args.perturb, args.b_per_layer)
         print(f"\npair x{args.scale:g}: {desc3}")
         big = bench_pair(a3, b3, args.repeat, False)
         results["scaled"] = {"desc": desc3, **big}

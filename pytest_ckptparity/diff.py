@@ -185,9 +185,12 @@ def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 def compare_block(
     a: np.ndarray, b: np.ndarray, tol: Tolerance, equal_nan: bool, acc: _Accumulator,
-    origin: tuple[int, ...] = (), layered: bool = False,
+    origin: tuple[int, ...] = (), layered: bool = False, cast: Optional[np.dtype] = None,
 ) -> None:
     """Compare one block (same shape) and fold the outcome into `acc`.
+
+    With `cast`, both sides are converted to that dtype piece by piece (dtype policy `cast`,
+    counters of different integer types), never as a whole block.
 
     `origin` is the block's offset in canonical coordinates, so indices are reported in the
     whole leaf's coordinates (layer first when `layered`). Work goes piece by piece, so no
@@ -203,14 +206,23 @@ def compare_block(
     for piece in _pieces(a.shape, PIECE_ELEMENTS):
         pa, pb = a[piece], b[piece]
         acc.n_total += pa.size
-        if pa.size and not (_bitwise_equal(pa, pb) and (equal_nan or not floating or not _has_nan(pa))):
+        if not pa.size:
+            continue
+        # Once two pieces have differed, the block likely differs throughout (a recomputed or
+        # cast model): stop paying for a bitwise pass that the arithmetic would redo anyway.
+        if len(differing) >= 2 or not (_bitwise_equal(pa, pb) and (equal_nan or not floating or not _has_nan(pa))):
             differing.append(piece)
     if not differing:
         return
 
+    if cast is not None:
+        floating = cast.kind in "fc" or _kind(cast.name) == "float"
+
     def work(piece: tuple[slice, ...]) -> _Accumulator:
         part = _Accumulator()
         pa, pb = a[piece], b[piece]
+        if cast is not None:
+            pa, pb = pa.astype(cast), pb.astype(cast)
         starts = tuple(origin[i] + (piece[i].start if i < len(piece) else 0) for i in range(a.ndim))
         if tol.exact or not floating:
             bad, d, finite = _exact_piece(pa, pb, part)
@@ -257,40 +269,58 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
     """Floats: `|a - b| <= atol + rtol * |b|` for finite pairs; NaN and inf compared as values.
 
     Arithmetic is in float32 for float32 and narrower inputs (exact for bfloat16/float16, and
-    float32's own rounding is far below any tolerance), float64 or complex128 otherwise. The
-    full-piece passes are few; NaN/inf rules run only on the elements that failed the test.
-    Returns flat indices of the mismatches, their |a - b| and whether each pair is finite.
+    float32's own rounding is far below any tolerance), float64 or complex128 otherwise.
+    Strided pieces (a stacked array seen layer first) are used in place, never copied. When
+    every difference is within `atol` (the usual near-parity case), the tolerance test is
+    done: no NaN or inf can hide there. Otherwise the full test runs, and the NaN/inf rules
+    only on the elements that failed it. Returns flat indices (C order of the piece) of the
+    mismatches, their |a - b| and whether each pair is finite.
     """
     work = np.complex128 if pa.dtype.kind == "c" else np.float64 if pa.dtype.itemsize >= 8 else np.float32
-    x = np.ascontiguousarray(pa, dtype=work).reshape(-1)
-    y = np.ascontiguousarray(pb, dtype=work).reshape(-1)
+    x = pa if pa.dtype == work else pa.astype(work)
+    y = pb if pb.dtype == work else pb.astype(work)
+    if x.ndim == 0:  # ufuncs give scalars for 0-d inputs; the in-place steps need arrays
+        x, y = x.reshape(1), y.reshape(1)
+    none = np.empty(0, np.intp)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = np.subtract(x, y)
         d = np.abs(d, out=d) if d.dtype == work else np.abs(d)  # NaN for NaN or inf - inf pairs
         ay = np.abs(y)
+        max_abs = d.max()  # NaN if any pair holds a NaN
+        if max_abs <= tol.atol:  # all finite and within: only the stats remain
+            acc.max_abs = max(acc.max_abs, float(max_abs))
+            _fold_max_rel(acc, np.fmax.reduce(np.divide(d, ay, out=ay), axis=None))
+            return none, np.empty(0, d.dtype), np.empty(0, bool)
         limit = np.multiply(ay, tol.rtol, out=np.empty_like(ay, dtype=d.dtype))
         limit += tol.atol
         fails = np.less_equal(d, limit)
         np.logical_not(fails, out=fails)  # NaN compares False: NaN pairs and inf - inf land here
-        if np.fmax.reduce(ay) == np.inf:  # anything but the same inf against an inf B is within
-            fails |= ay == np.inf         # rtol * inf, yet different
-        max_abs = np.fmax.reduce(d)  # ignores NaN
+        if np.fmax.reduce(ay, axis=None) == np.inf:  # anything but the same inf against an inf B
+            fails |= ay == np.inf                     # is within rtol * inf, yet different
+        max_abs = np.fmax.reduce(d, axis=None)  # ignores NaN
         if not math.isfinite(max_abs):  # an inf pair: stats cover finite pairs only
             d = np.where(np.isfinite(x) & np.isfinite(y), d, 0)
             max_abs = d.max()
-        max_rel = np.fmax.reduce(np.divide(d, ay, out=limit))  # 0/0 is NaN and ignored; d/0 is inf
-    acc.max_abs = max(acc.max_abs, float(max_abs))
-    acc.max_rel = max(acc.max_rel, 0.0 if math.isnan(max_rel) else float(max_rel))
+        acc.max_abs = max(acc.max_abs, float(max_abs))
+        _fold_max_rel(acc, np.fmax.reduce(np.divide(d, ay, out=limit), axis=None))
     bad = np.flatnonzero(fails)
-    if bad.size:
-        xs, ys = x[bad], y[bad]
-        ok = xs == ys  # inf == inf
-        if equal_nan:
-            ok |= np.isnan(xs) & np.isnan(ys)
-        bad = bad[~ok]
-    finite = np.isfinite(x[bad]) & np.isfinite(y[bad])
+    if not bad.size:
+        return none, np.empty(0, d.dtype), np.empty(0, bool)
+    xf, yf, df = x.reshape(-1), y.reshape(-1), d.reshape(-1)  # copies only if strided, and only here
+    xs, ys = xf[bad], yf[bad]
+    ok = xs == ys  # inf == inf
+    if equal_nan:
+        ok |= np.isnan(xs) & np.isnan(ys)
+    bad = bad[~ok]
+    finite = np.isfinite(xf[bad]) & np.isfinite(yf[bad])
     acc.n_nonfinite += int(np.count_nonzero(~finite))
-    return bad, d[bad], finite
+    return bad, df[bad], finite
+
+
+def _fold_max_rel(acc: _Accumulator, max_rel: Any) -> None:
+    """0/0 gives NaN and is ignored; d/0 is inf."""
+    if not math.isnan(max_rel):
+        acc.max_rel = max(acc.max_rel, float(max_rel))
 
 
 def _record_mismatches(
@@ -540,17 +570,13 @@ def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: C
         return
     origin = tuple(s.start for s in block)
     layered = job.la.layers is not None
+    cast = None if job.cast_to is None else _np_dtype(job.cast_to)
     if isinstance(a, list) or isinstance(b, list):  # per-layer arrays on a side: never stacked
         for i in range(block[0].stop - block[0].start):
-            ai, bi = _cast(job, a[i]), _cast(job, b[i])
-            compare_block(ai[np.newaxis], bi[np.newaxis], job.tol, opts.equal_nan, job.acc, (origin[0] + i, *origin[1:]), layered)
+            ai, bi = np.asarray(a[i]), np.asarray(b[i])
+            compare_block(ai[np.newaxis], bi[np.newaxis], job.tol, opts.equal_nan, job.acc, (origin[0] + i, *origin[1:]), layered, cast)
         return
-    compare_block(_cast(job, a), _cast(job, b), job.tol, opts.equal_nan, job.acc, origin, layered)
-
-
-def _cast(job: _Job, x: Any) -> np.ndarray:
-    x = np.asarray(x)
-    return x if job.cast_to is None else x.astype(_np_dtype(job.cast_to))
+    compare_block(a, b, job.tol, opts.equal_nan, job.acc, origin, layered, cast)
 
 
 def _finish(job: _Job) -> LeafResult:
