@@ -281,7 +281,7 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
     y = pb if pb.dtype == work else pb.astype(work)
     if x.ndim == 0:  # ufuncs give scalars for 0-d inputs; the in-place steps need arrays
         x, y = x.reshape(1), y.reshape(1)
-    none = np.empty(0, np.intp)
+    nothing = (np.empty(0, np.intp), np.empty(0), np.empty(0, bool))  # no mismatch in the piece
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = np.subtract(x, y)
         d = np.abs(d, out=d) if d.dtype == work else np.abs(d)  # NaN for NaN or inf - inf pairs
@@ -290,7 +290,7 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
         if max_abs <= tol.atol:  # all finite and within: only the stats remain
             acc.max_abs = max(acc.max_abs, float(max_abs))
             _fold_max_rel(acc, np.fmax.reduce(np.divide(d, ay, out=ay), axis=None))
-            return none, np.empty(0, d.dtype), np.empty(0, bool)
+            return nothing
         limit = np.multiply(ay, tol.rtol, out=np.empty_like(ay, dtype=d.dtype))
         limit += tol.atol
         fails = np.less_equal(d, limit)
@@ -305,7 +305,7 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
         _fold_max_rel(acc, np.fmax.reduce(np.divide(d, ay, out=limit), axis=None))
     bad = np.flatnonzero(fails)
     if not bad.size:
-        return none, np.empty(0, d.dtype), np.empty(0, bool)
+        return nothing
     xf, yf, df = x.reshape(-1), y.reshape(-1), d.reshape(-1)  # copies only if strided, and only here
     xs, ys = xf[bad], yf[bad]
     ok = xs == ys  # inf == inf

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -112,9 +111,9 @@ def test_a_difference_in_a_chunked_stack_names_its_layer_and_index(layouts, edit
 class _Tracked(InMemoryCheckpoint):
     """Hands out fresh copies and watches how many decoded bytes are alive when a read starts."""
 
-    def __init__(self, tree: Any, budget: int, log: list[tuple[int, int]], name: str) -> None:
+    def __init__(self, tree: Any, log: list[tuple[int, int]], name: str) -> None:
         super().__init__(tree, name=name)
-        self.budget, self.log = budget, log
+        self.log = log
         self.alive = [0]  # shared between the two sides
 
     def read(self, path: Any, index: Optional[tuple] = None) -> Pending:
@@ -137,7 +136,7 @@ def test_decoded_bytes_held_stay_within_the_read_budget():
     tree["big"] = rng.standard_normal((256, 64)).astype(np.float32)  # 64 KiB: read in 16 blocks
     budget = 32 << 10
     log: list[tuple[int, int]] = []
-    a, b = _Tracked(tree, budget, log, "A"), _Tracked(tree, budget, log, "B")
+    a, b = _Tracked(tree, log, "A"), _Tracked(tree, log, "B")
     b.alive = a.alive
     report = compare_checkpoints(a, b, read_budget=budget)
     assert report.passed and len(report.results) == 13
