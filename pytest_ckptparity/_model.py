@@ -103,6 +103,7 @@ class ParityReport:
     ignored: int = 0  # canonical leaves left out by scope or rules (rngs by default)
     values_compared: bool = True
     wall_time: float = 0.0
+    notes: list[str] = field(default_factory=list)  # header sentences: scope decisions, layout fallbacks
 
     @property
     def mismatches(self) -> list[LeafResult]:
@@ -145,6 +146,7 @@ class ParityReport:
         return {
             "names": list(self.names),
             "layouts": list(self.layouts),
+            "notes": list(self.notes),
             "totals": self.totals(),
             "leaves": [r.to_dict() for r in self.results],
         }

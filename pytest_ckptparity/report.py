@@ -90,7 +90,7 @@ def summary_line(report: ParityReport) -> str:
 def _header(report: ParityReport) -> list[str]:
     na, nb = report.names
     la, lb = report.layouts
-    lines = [f"{na}: {la}" if la else "", f"{nb}: {lb}" if lb else ""]
+    lines = [f"{na}: {la}" if la else "", f"{nb}: {lb}" if lb else "", *report.notes]
     if report.ignored:
         lines.append(f"{report.ignored} leaves left out by scope or layout rules (rngs are ignored by default)")
     return [l for l in lines if l]
