@@ -53,6 +53,8 @@ class Checkpoint:
     name: str = "A"
     location: str = "<tree>"
     custom_metadata: Mapping[str, Any] = {}
+    step: Optional[int] = None  # the step opened in a CheckpointManager root (or step folder)
+    uncommitted_newer: tuple[int, ...] = ()  # newer steps of that root that are not committed
 
     def leaves(self) -> dict[KeyPath, ArrayInfo]:
         """Every leaf's path and metadata, without reading array data."""
@@ -199,6 +201,25 @@ def _locate(p: Path, step: Optional[int], side: str) -> tuple[Path, Optional[Pat
     raise _usage(side, p, f"'{p}' is not an orbax checkpoint (no _METADATA, step folders or items found); pass {_EXPECTED}.")
 
 
+def _step_number(step_dir: Optional[Path]) -> Optional[int]:
+    m = _STEP_NAME.match(step_dir.name) if step_dir is not None else None
+    return int(m.group(1)) if m else None
+
+
+def _uncommitted_newer(side: str, requested: Path, step: Optional[int]) -> tuple[int, ...]:
+    """Steps of a manager root newer than the opened one that are not committed (yet)."""
+    root = requested.expanduser()
+    if step is None or not root.is_dir() or (root / "_METADATA").is_file() or (root / "_CHECKPOINT_METADATA").is_file():
+        return ()
+    _, unfinished = _steps(side, root)
+    newer = set()
+    for u in unfinished:
+        m = _STEP_NAME.match(u.name.split(_TMP_MARK)[0].rstrip("."))
+        if m and int(m.group(1)) > step:
+            newer.add(int(m.group(1)))
+    return tuple(sorted(newer))
+
+
 # --------------------------------------------------------------------------------------
 # Orbax folders
 # --------------------------------------------------------------------------------------
@@ -242,6 +263,8 @@ class OrbaxCheckpoint(Checkpoint):
         self.requested = Path(path)
         self.item_dir, self.step_dir = locate_item_folder(path, step=step, side=name)
         self.location = str(self.item_dir)
+        self.step = _step_number(self.step_dir)
+        self.uncommitted_newer = _uncommitted_newer(name, self.requested, self.step)
         meta_file = self.item_dir / "_METADATA"
         meta = _read_json(name, meta_file, "orbax metadata (_METADATA)")
         if not isinstance(meta, dict):
@@ -466,8 +489,15 @@ class InMemoryCheckpoint(Checkpoint):
         return Pending(lambda: view, int(view.nbytes))
 
 
-def open_checkpoint(obj: Any, *, step: Optional[int] = None, name: str = "A") -> Checkpoint:
-    """Open a path (orbax folder) or wrap an in-memory tree; an opened Checkpoint passes through."""
+def open_checkpoint(
+    obj: Any, *, step: Optional[int] = None, name: str = "A", storage_options: Optional[Mapping[str, str]] = None,
+) -> Checkpoint:
+    """Open a path or URL (orbax folder) or wrap an in-memory tree; an opened Checkpoint passes through.
+
+    `storage_options` are extra settings for object-store URLs (endpoint, region, ...).
+    """
+    if storage_options and not (isinstance(obj, str) and "://" in obj):
+        raise CkptParityUsageError(f"{name}: storage options apply to object-store URLs (gs://, s3://), not to {obj!r}; drop them or pass a URL.")
     if isinstance(obj, Checkpoint):
         return obj
     if isinstance(obj, (str, os.PathLike)):
