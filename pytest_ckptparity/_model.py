@@ -18,6 +18,7 @@ ONLY_IN_B = "only in B"
 SHAPE = "shape"
 DTYPE = "dtype"
 VALUES = "values"
+LAYOUT = "layout"  # a layer stack against a plain array, or stacks on different axes: never compared
 
 
 @dataclass(frozen=True)

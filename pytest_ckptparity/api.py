@@ -115,6 +115,14 @@ def _rename_rules(rename: Any) -> tuple[tuple[str, str], ...]:
     return rules
 
 
+def _scan_axes(scan_axis: Any) -> tuple[Optional[int], Optional[int]]:
+    """`scan_axis=1` for both sides, `(1, 0)` per side; None keeps the recorded or default axis."""
+    pair = tuple(scan_axis) if isinstance(scan_axis, (tuple, list)) else (scan_axis, scan_axis)
+    if len(pair) != 2 or not all(a is None or (isinstance(a, int) and not isinstance(a, bool) and a >= 0) for a in pair):
+        raise CkptParityUsageError(f"scan_axis must be a non-negative integer or a pair (axis of A, axis of B), got {scan_axis!r}.")
+    return pair  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------------------
 # Comparison
 # --------------------------------------------------------------------------------------
@@ -127,12 +135,11 @@ class Comparison:
         self, a: Any, b: Any, *, names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
         format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
         rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
-        scan_axis: Optional[int] = None, options: Optional[CompareOptions] = None,
+        scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, options: Optional[CompareOptions] = None,
     ) -> None:
         if len(tuple(names)) != 2 or not all(isinstance(n, str) and n for n in names):
             raise CkptParityUsageError(f"names must be two non-empty strings, got {names!r}.")
-        if scan_axis is not None and (not isinstance(scan_axis, int) or scan_axis < 0):
-            raise CkptParityUsageError(f"scan_axis must be a non-negative integer, got {scan_axis!r}.")
+        axes = _scan_axes(scan_axis)
         if step is not None and (not isinstance(step, int) or step < 0):
             raise CkptParityUsageError(f"step must be a non-negative integer, got {step!r}.")
         na, nb = names
@@ -140,10 +147,10 @@ class Comparison:
         rules = _rename_rules(rename)
         ignore_globs = _globs("ignore", ignore)
         self.checkpoints = (open_checkpoint(a, step=step, name=na), open_checkpoint(b, step=step, name=nb))
-        kw = dict(rename=rules, ignore=ignore_globs, ignore_rngs=ignore_rngs, scan_axis=scan_axis)
+        kw = dict(rename=rules, ignore=ignore_globs, ignore_rngs=ignore_rngs)
         self.views: tuple[NormalizedView, NormalizedView] = (
-            normalize(self.checkpoints[0], layout=format_a, **kw),
-            normalize(self.checkpoints[1], layout=format_b, **kw),
+            normalize(self.checkpoints[0], layout=format_a, scan_axis=axes[0], **kw),
+            normalize(self.checkpoints[1], layout=format_b, scan_axis=axes[1], **kw),
         )
         # Explicit names win; otherwise an opened checkpoint (a fixture) keeps its own name.
         for view, default, explicit in zip(self.views, ("A", "B"), (na, nb)):
@@ -182,7 +189,7 @@ class Comparison:
                 name = f"only-in-{va.name if lb is None else vb.name}"
                 add((name, -1, ""), name, path)
                 continue
-            if how == "layer" and la.layers is not None and la.shape == lb.shape and la.stack:
+            if how == "layer" and la.layers is not None and lb.layers is not None and la.shape == lb.shape and la.stack:
                 unit = chunk_alignment(la, lb)[0]
                 for start in range(0, la.layers, unit):
                     stop = min(start + unit, la.layers)
@@ -222,7 +229,7 @@ def compare_checkpoints(
     names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
     format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
     rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
-    scan_axis: Optional[int] = None, read_budget: int = DEFAULT_READ_BUDGET,
+    scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, read_budget: int = DEFAULT_READ_BUDGET,
 ) -> ParityReport:
     """Compare and return the report, parity or not (raises only on usage errors)."""
     options = make_options(
@@ -249,13 +256,15 @@ def assert_ckpt_parity(
     names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
     format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
     rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
-    scan_axis: Optional[int] = None, read_budget: int = DEFAULT_READ_BUDGET,
+    scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, read_budget: int = DEFAULT_READ_BUDGET,
 ) -> ParityReport:
     """Assert that checkpoints `a` and `b` hold the same model.
 
     `a` and `b` may be paths (orbax manager root, step, item or bare folder), in-memory trees
     or opened checkpoints (the `ckpt_a` fixture), in any mix. B is the reference:
-    `|a - b| <= atol + rtol * |b|`. Returns the report on parity; raises `CkptParityError`
+    `|a - b| <= atol + rtol * |b|`. `scan_axis` is the axis layer stacks are stored on
+    (default: recorded in the checkpoint, else 1), one for both sides or `(axis_a, axis_b)`.
+    Returns the report on parity; raises `CkptParityError`
     naming every mismatch otherwise, and `CkptParityUsageError` when no verdict is possible.
 
     >>> assert_ckpt_parity("runs/linen/checkpoints", "runs/nnx/checkpoints", exclude="opt_state")

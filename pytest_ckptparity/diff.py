@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from pytest_ckptparity._model import (
-    DTYPE, ONLY_IN_A, ONLY_IN_B, SHAPE, VALUES, LeafResult, ParityReport, Tolerance, ValueStats,
+    DTYPE, LAYOUT, ONLY_IN_A, ONLY_IN_B, SHAPE, VALUES, LeafResult, ParityReport, Tolerance, ValueStats,
 )
 from pytest_ckptparity._paths import glob_match, in_scope
 from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
@@ -411,7 +411,21 @@ def _counter(path: str) -> bool:
     return path.rsplit("/", 1)[-1] in COUNTER_NAMES
 
 
-def _structural(path: str, la: Optional[LogicalLeaf], lb: Optional[LogicalLeaf], opts: CompareOptions) -> tuple[Optional[LeafResult], Optional[str], tuple[str, ...]]:
+def _layout_differs(la: LogicalLeaf, lb: LogicalLeaf) -> bool:
+    """A layer stack never matches a plain array, and stacks read on different axes never
+    match each other: equal canonical shapes there would be luck, not parity."""
+    if (la.layers is None) != (lb.layers is None):
+        return True
+    if la.layers is None or la.layers == lb.layers or la.storage.axis == lb.storage.axis:
+        return False
+    # Same elements, another layer count: one side's stored shape is the other's with the
+    # layer axis moved, i.e. the two sides stack on different axes.
+    return sorted(la.shape) == sorted(lb.shape)
+
+
+def _structural(
+    path: str, la: Optional[LogicalLeaf], lb: Optional[LogicalLeaf], opts: CompareOptions, names: tuple[str, str] = ("A", "B"),
+) -> tuple[Optional[LeafResult], Optional[str], tuple[str, ...]]:
     """A finished result when structure alone decides, else (None, cast dtype, notes)."""
     if la is None or lb is None:
         leaf = la or lb
@@ -423,11 +437,13 @@ def _structural(path: str, la: Optional[LogicalLeaf], lb: Optional[LogicalLeaf],
     notes: list[str] = []
     if la.note or lb.note:
         notes.append(la.note or lb.note)
+    if _layout_differs(la, lb):
+        na, nb = names
+        notes += [f"{na} stores {la.stored}", f"{nb} stores {lb.stored}"]
+        return LeafResult(path, LAYOUT, notes=tuple(notes), **base), None, ()
     if la.shape != lb.shape:
         if la.layers is not None and lb.layers is not None and la.layers != lb.layers:
             notes.append(f"layer count {la.layers} vs {lb.layers}")
-        elif (la.layers is None) != (lb.layers is None):
-            notes.append("a layer stack on one side only")
         return LeafResult(path, SHAPE, notes=tuple(notes), **base), None, ()
     cast_to = None
     if la.dtype != lb.dtype:
@@ -448,13 +464,52 @@ def _structural(path: str, la: Optional[LogicalLeaf], lb: Optional[LogicalLeaf],
 # --------------------------------------------------------------------------------------
 
 
+PARAMS_GROUP = "params"
+
+
+def groups_left_out(va: NormalizedView, vb: NormalizedView, opts: CompareOptions) -> tuple[tuple[str, ...], str]:
+    """Groups compared on neither side, and a header sentence saying so.
+
+    When one side holds parameters only (a decode or exported checkpoint) and the other a
+    training state, the comparison is of the parameters: the optimizer state and step of the
+    other side are left out rather than reported as dozens of "only in" rows. An explicit
+    `include` is the user's own scope and wins.
+    """
+    if opts.include:
+        return (), ""
+    ga = {l.group for l in va.leaves.values()}
+    gb = {l.group for l in vb.leaves.values()}
+    for full, only, name, other in ((ga, gb, vb.name, va.name), (gb, ga, va.name, vb.name)):
+        if only == {PARAMS_GROUP} and PARAMS_GROUP in full and len(full) > 1:
+            extra = tuple(sorted(full - only))
+            listed = " and ".join(", ".join(extra).rsplit(", ", 1))
+            return extra, f"{name} holds parameters only: {listed} of {other} left out."
+    return (), ""
+
+
 def scoped_paths(va: NormalizedView, vb: NormalizedView, opts: CompareOptions) -> tuple[list[str], int]:
     """Canonical paths to compare (sorted) and how many were left out."""
     ignored = set(va.ignored) | set(vb.ignored)  # ignored on either side: compared on neither
     union = sorted((set(va.leaves) | set(vb.leaves)) - ignored)
-    kept = [p for p in union if in_scope(p, opts.include, opts.exclude)]
+    skipped_groups = set(groups_left_out(va, vb, opts)[0])
+    kept = [p for p in union if in_scope(p, opts.include, opts.exclude) and p.split("/", 1)[0] not in skipped_groups]
     left_out = len(union) - len(kept) + len(ignored)
     return kept, left_out
+
+
+def _header_notes(va: NormalizedView, vb: NormalizedView, opts: CompareOptions, results: Sequence[LeafResult]) -> list[str]:
+    """Sentences a reader needs before the rows: scope decisions and layouts not understood."""
+    notes = [*va.notes, *vb.notes]
+    scope = groups_left_out(va, vb, opts)[1]
+    if scope:
+        notes.append(scope)
+    one_sided = sum(r.kind in (ONLY_IN_A, ONLY_IN_B) for r in results)
+    if results and one_sided * 2 > len(results):
+        notes.append(
+            f"{one_sided} of {len(results)} leaves are on one side only: the two layouts probably differ "
+            f"({va.name}: {va.layout.name}, {vb.name}: {vb.layout.name}); check the layouts above, or map paths with rename=."
+        )
+    return notes
 
 
 def diff_views(
@@ -475,7 +530,7 @@ def diff_views(
     block_budget = max(1, opts.read_budget // BLOCK_SHARE)
     for pos, (path, layer_range) in enumerate(wanted):
         la, lb = va.leaves.get(path), vb.leaves.get(path)
-        done, cast_to, notes = _structural(path, la, lb, opts)
+        done, cast_to, notes = _structural(path, la, lb, opts, (va.name, vb.name))
         if done is not None:
             results[pos] = replace(done, layer_range=layer_range) if done.layers is not None else done
             continue
@@ -501,6 +556,7 @@ def diff_views(
         results=[results[i] for i in sorted(results)], ignored=ignored if selection is None else 0,
         values_compared=opts.compare_values,
     )
+    report.notes = _header_notes(va, vb, opts, report.results)
     report.wall_time = time.perf_counter() - t0
     return report
 

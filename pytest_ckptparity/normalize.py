@@ -5,15 +5,20 @@ keeps its own name). One general rule set does the mapping, whatever layout wrot
 
 1. user rename rules (regular expressions over the raw '/'-joined path), then detection,
    then the detected layout's own rename rules;
-2. `value` wrappers are stripped when every leaf ends in `value` (NNX state saved as is);
-   only the last key goes, so a weight really named `value` survives;
-3. group rules: `params/params/X`, `params/X`, `model/X` -> `params/X`; NNX-only state
+2. `value` wrappers are stripped per Variable: a trailing `value` key goes when it is the only
+   child of its node (an NNX Variable saved as is), so any mix of wrapped and plain subtrees
+   works and a weight really named `value` beside other keys survives;
+3. a tree with none of the group keys at its top (`nnx.state(model)` saved as flax documents
+   it, a pure dict, a decode checkpoint) holds module attributes: it is read as `params/...`;
+   group rules: `params/params/X`, `params/X`, `model/X` -> `params/X`; NNX-only state
    (`nnx_aux/model/X`, any path through an `rngs` key) -> `rngs/X`; `optimizer/step` ->
    `step`; `optimizer/opt_state/i/...` -> `opt_state/i/...`; a `params` level right under
    an optimizer field (`mu/params/X`) is dropped;
 4. layer rules: a stacked tensor (`layers`, `dense_layers`, ... on the scan axis), a
    `layers_N` family and a `layers/N` family all become one *layered* leaf whose canonical
-   array has the layer on axis 0. Nothing is copied: reads are mapped onto the stored arrays.
+   array has the layer on axis 0. Each leaf is decided on its own (never by its neighbours),
+   and a layered leaf never matches a plain one (the diff reports a `layout` mismatch).
+   Nothing is copied: reads are mapped onto the stored arrays.
 
 Layouts (`Layout`) only name what was detected and may add rename/ignore rules; users can
 register their own with `register_layout`. This module imports neither pytest nor orbax.
@@ -37,6 +42,10 @@ NON_PARAM_SCAN_AXIS = 0  # scanned NNX non-Param state (RNG counts and keys) sta
 _STACK_NAME = re.compile(r"^[A-Za-z_]*layers(?:_[a-z]+)*$")
 _FAMILY_MEMBER = re.compile(r"^(?P<stack>[A-Za-z_]*layers(?:_[a-z]+)*)_(?P<index>\d+)$")
 _OPT_FIELDS_WITH_PARAMS_LEVEL = re.compile(r"^(mu|nu|trace|ema|.*moment.*|acc.*|v|m)$")
+# Top-level keys that name a group of a training state. A tree with none of them at its top
+# holds module attributes (a model's parameters), whatever wrote it.
+GROUP_KEYS = frozenset({"params", "model", "opt_state", "optimizer", "step", "nnx_aux"})
+WRAPPER_KEY = "value"
 
 
 # --------------------------------------------------------------------------------------
@@ -54,11 +63,23 @@ class TreeFacts:
 
     @property
     def wrapped(self) -> bool:
-        return bool(self.paths) and all(p and p[-1] == "value" for p in self.paths)
+        """Every leaf is an NNX Variable saved as is (`.../value`)."""
+        return bool(self.paths) and all(p and p[-1] == WRAPPER_KEY for p in self.paths)
+
+    def wrapped_under(self, head: str) -> Optional[bool]:
+        """Whether the leaves under top-level `head` are wrapped: True, False, or None (a mix)."""
+        under = [p for p in self.paths if p[:1] == (head,)]
+        flags = {p[-1] == WRAPPER_KEY for p in under}
+        return None if len(flags) != 1 else flags.pop()
 
     @property
     def top(self) -> frozenset[str]:
         return frozenset(p[0] for p in self.paths if p)
+
+    @property
+    def module_root(self) -> bool:
+        """No group key at the top: the tree is a model's own attributes (`dense1/kernel`)."""
+        return bool(self.top) and not (self.top & GROUP_KEYS) and all(self.paths)
 
     def has_prefix(self, *prefix: str) -> bool:
         n = len(prefix)
@@ -83,17 +104,33 @@ class Layout:
 
 
 def _is_decode(f: TreeFacts) -> bool:
-    return bool(f.top & {"decoder", "token_embedder"}) and not (f.top & {"params", "model", "opt_state", "step", "optimizer"})
+    return f.module_root and bool(f.top & {"decoder", "token_embedder"})
+
+
+def _is_older_nnx(f: TreeFacts) -> bool:
+    """`{"params": <wrapped model>, "step"}` or `{"params": <model>, "optimizer": {...}}`."""
+    if "params" not in f.top or f.has_prefix("params", "params") or f.top & {"model", "opt_state", "nnx_aux"}:
+        return False
+    return "optimizer" in f.top or (f.wrapped_under("params") is True and "step" in f.top)
+
+
+def _is_nnx(wrapped: Optional[bool]) -> Callable[[TreeFacts], bool]:
+    return lambda f: "model" in f.top and f.wrapped_under("model") is wrapped and (
+        wrapped is None or not (f.top & {"optimizer"}) or f.wrapped_under("optimizer") is wrapped)
 
 
 BUILTIN_LAYOUTS: tuple[Layout, ...] = (
     Layout("maxtext_nnx", "MaxText Linen-compatible NNX state (with nnx_aux)", lambda f: "nnx_aux" in f.top),
     Layout("lora", "LoRA adapter tree", lambda f: any("lora" in k for p in f.paths for k in p) and not f.has_prefix("model")),
+    Layout("nnx_params", "NNX state, older layout (params with step or optimizer)", _is_older_nnx),
     Layout("linen", "Linen TrainState", lambda f: f.has_prefix("params", "params") or ("params" in f.top and bool(f.top & {"opt_state", "step"}))),
-    Layout("nnx_wrapped", "NNX state with value wrappers", lambda f: "model" in f.top and f.wrapped),
-    Layout("nnx_pure", "NNX pure dict", lambda f: "model" in f.top and not f.wrapped),
-    Layout("decode", "parameter-only decode checkpoint", _is_decode, rename=((r"^", "params/"),)),
-    Layout("params", "parameter tree", lambda f: f.top == {"params"}),
+    Layout("nnx_wrapped", "NNX state with value wrappers", _is_nnx(True)),
+    Layout("nnx_pure", "NNX pure dict", _is_nnx(False)),
+    Layout("nnx_mixed", "NNX state with value wrappers on some subtrees", lambda f: "model" in f.top),
+    Layout("decode", "parameter-only decode checkpoint", _is_decode),
+    Layout("nnx_module", "NNX model state (module attributes at the top, value wrappers)", lambda f: f.module_root and f.wrapped),
+    Layout("module", "model parameters (module attributes at the top)", lambda f: f.module_root),
+    Layout("params", "parameter tree", lambda f: "params" in f.top and not (f.top & (GROUP_KEYS - {"params"}))),
     Layout("generic", "generic tree (compared as it is)", lambda f: True, canonical=False),
 )
 
@@ -132,6 +169,17 @@ def _resolve_layout(forced: Union[str, Layout, None], facts: TreeFacts, side: st
     return BUILTIN_LAYOUTS[-1]
 
 
+def _generic_reason(facts: TreeFacts, side: str) -> str:
+    """Why no layout matched, and the ways out, for the report header."""
+    top = ", ".join(sorted(facts.top)[:8]) + (", ..." if len(facts.top) > 8 else "") if facts.top else "none"
+    groups = ", ".join(sorted(facts.top & GROUP_KEYS)) or "none"
+    return (
+        f"{side}: layout not recognised (top-level keys: {top}; group keys among them: {groups}, in no known "
+        f"arrangement), so its paths are compared as they are; name a layout with format_a/format_b, map paths "
+        f"with rename=[(pattern, replacement)], or register_layout(...)."
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Canonical leaves
 # --------------------------------------------------------------------------------------
@@ -161,6 +209,8 @@ class LogicalLeaf:
     note: str = ""
     stack: str = ""  # layered leaves: the canonical path of their stack, e.g. params/decoder/layers
 
+    stored: str = ""  # how the side stores it, for layout mismatches: "stacked on axis 1 of (16, 2, 32)"
+
     @property
     def layer_shape(self) -> tuple[int, ...]:
         return self.shape[1:] if self.layers is not None else self.shape
@@ -180,6 +230,7 @@ class NormalizedView:
     ignored: dict[str, LogicalLeaf] = field(default_factory=dict)
     layer_forms: tuple[str, ...] = ()
     display_name: str = ""  # the side's name in reports; defaults to the checkpoint's own
+    notes: tuple[str, ...] = ()  # sentences for the report header (why generic, odd stacks)
 
     @property
     def name(self) -> str:
@@ -290,6 +341,24 @@ def _canonical_chunk(info: ArrayInfo, axis: Optional[int]) -> Optional[tuple[int
     return (c.pop(axis),) + tuple(c)
 
 
+def strip_wrappers(paths: Iterable[KeyPath]) -> dict[KeyPath, KeyPath]:
+    """Drop a trailing `value` key where it is its node's only child: an NNX Variable saved as
+    is. Decided per Variable, so wrapped and plain subtrees can mix in one tree (the converter
+    wraps `model/` but not the optimizer), and a weight named `value` beside others survives."""
+    paths = list(paths)
+    children: dict[KeyPath, set[str]] = defaultdict(set)
+    for p in paths:
+        if len(p) >= 2:
+            children[p[:-1]].add(p[-1])
+    return {p: p[:-1] if len(p) >= 2 and p[-1] == WRAPPER_KEY and len(children[p[:-1]]) == 1 else p for p in paths}
+
+
+def _stored(info: ArrayInfo, axis: Optional[int] = None) -> str:
+    if axis is None:
+        return f"a plain {info.dtype} {tuple(info.shape)} (no layer axis)"
+    return f"{info.shape[axis]} layers stacked on axis {axis} of {info.dtype} {tuple(info.shape)}"
+
+
 def normalize(
     ckpt: Checkpoint,
     *,
@@ -307,18 +376,22 @@ def normalize(
     chosen = _resolve_layout(layout, facts, ckpt.name)
     renamed = {raw: _apply_renames(p, chosen.rename) for raw, p in user_renamed.items()}
     if not chosen.canonical:
-        leaves = {path_str(p): LogicalLeaf(path_str(p), p[0] if p else "", infos[raw].shape, infos[raw].dtype, Storage(raw=raw), chunk_shape=infos[raw].chunk_shape, note=infos[raw].note) for raw, p in renamed.items()}
+        leaves = {path_str(p): LogicalLeaf(path_str(p), p[0] if p else "", infos[raw].shape, infos[raw].dtype, Storage(raw=raw), chunk_shape=infos[raw].chunk_shape, note=infos[raw].note, stored=_stored(infos[raw])) for raw, p in renamed.items()}
         kept = {p: l for p, l in sorted(leaves.items()) if not any_match(p, tuple(chosen.ignore) + tuple(ignore))}
-        return NormalizedView(ckpt, chosen, kept, {p: l for p, l in leaves.items() if p not in kept})
-    wrapped = bool(renamed) and all(p and p[-1] == "value" for p in renamed.values())
+        notes = (_generic_reason(facts, ckpt.name),) if layout is None and chosen is BUILTIN_LAYOUTS[-1] else ()
+        return NormalizedView(ckpt, chosen, kept, {p: l for p, l in leaves.items() if p not in kept}, notes=notes)
+    unwrapped = strip_wrappers(renamed.values())
+    # Decided on the tree as the layout sees it: a group-less tree is a model's attributes.
+    module_root = TreeFacts(tuple(renamed.values()), {}, {}).module_root
     scanned_allowed = ckpt.custom_metadata.get("scan_layers", True) is not False
 
     plain: dict[str, tuple[KeyPath, ArrayInfo, str]] = {}
-    stacked: dict[tuple[str, ...], list[tuple[str, KeyPath, ArrayInfo, str]]] = defaultdict(list)
     families: dict[str, dict[int, tuple[KeyPath, ArrayInfo]]] = defaultdict(dict)
     family_meta: dict[str, tuple[str, str]] = {}
     forms: set[str] = set()
     stack_of: dict[str, str] = {}
+    leaves: dict[str, LogicalLeaf] = {}
+    stack_counts: dict[tuple[str, int], set[int]] = defaultdict(set)
 
     def add_plain(cpath: str, raw: KeyPath, info: ArrayInfo, group: str) -> None:
         if cpath in plain:  # two raw leaves fold onto one canonical path: keep both visible
@@ -326,9 +399,9 @@ def normalize(
         plain[cpath] = (raw, info, group)
 
     for raw, info in infos.items():
-        path = renamed[raw]
-        if wrapped:
-            path = path[:-1]
+        path = unwrapped[renamed[raw]]
+        if module_root:
+            path = ("params",) + path
         cpath = canonical_path(path)
         group = cpath[0] if cpath else ""
         found = _layer_key(cpath)
@@ -337,37 +410,29 @@ def normalize(
             continue
         pos, stack, layer, style = found
         if style == "stacked":
-            if not scanned_allowed:
+            # Each leaf on its own: layered when it has the scan axis. Whether a leaf is layered
+            # never depends on the other leaves of its stack.
+            axis = _scan_axis(group, scan_axis, ckpt.custom_metadata)
+            if not scanned_allowed or len(info.shape) <= axis:
                 add_plain(path_str(cpath), raw, info, group)
                 continue
-            stacked[(group,) + cpath[: pos + 1]].append((path_str(cpath), raw, info, group))
-            stack_of[path_str(cpath)] = path_str(cpath[: pos + 1])
+            text, stack_path = path_str(cpath), path_str(cpath[: pos + 1])
+            shape = list(info.shape)
+            n_layers = shape.pop(axis)
+            stack_counts[(stack_path, axis)].add(n_layers)
+            if group != "rngs":
+                forms.add(f"scanned on axis {axis}")
+            leaves[text] = LogicalLeaf(
+                text, group, (n_layers, *shape), info.dtype, Storage(raw=raw, axis=axis),
+                layers=n_layers, chunk_shape=_canonical_chunk(info, axis), note=info.note, stack=stack_path,
+                stored=_stored(info, axis),
+            )
             continue
         drop = 2 if style == "layers/N" else 1
         folded = path_str(cpath[:pos] + (stack,) + cpath[pos + drop :])
         families[folded][layer] = (raw, info)
         stack_of[folded] = path_str(cpath[:pos] + (stack,))
         family_meta[folded] = (group, style)
-
-    leaves: dict[str, LogicalLeaf] = {}
-
-    # Stacked tensors: layered only if every leaf of the stack agrees on the layer count.
-    for key, members in stacked.items():
-        axis = _scan_axis(key[0], scan_axis, ckpt.custom_metadata)
-        counts = {info.shape[axis] if len(info.shape) > axis else None for _, _, info, _ in members}
-        if len(counts) != 1 or None in counts:
-            for cpath, raw, info, group in members:
-                add_plain(cpath, raw, info, group)
-            continue
-        (n_layers,) = counts
-        forms.add(f"scanned on axis {axis}" if key[0] != "rngs" else "")
-        for cpath, raw, info, group in members:
-            shape = list(info.shape)
-            layer_dim = shape.pop(axis)
-            leaves[cpath] = LogicalLeaf(
-                cpath, group, (layer_dim, *shape), info.dtype, Storage(raw=raw, axis=axis),
-                layers=n_layers, chunk_shape=_canonical_chunk(info, axis), note=info.note, stack=stack_of[cpath],
-            )
 
     # Families: layered when layers 0..L-1 are all there with one shape and dtype.
     for cpath, members in families.items():
@@ -376,7 +441,8 @@ def normalize(
         kinds = {(m[1].shape, m[1].dtype) for m in ordered if m is not None}
         if any(m is None for m in ordered) or len(kinds) != 1:
             for raw, info in members.values():
-                add_plain(path_str(canonical_path(renamed[raw][:-1] if wrapped else renamed[raw])), raw, info, group)
+                p = unwrapped[renamed[raw]]
+                add_plain(path_str(canonical_path(("params",) + p if module_root else p)), raw, info, group)
             continue
         info0 = ordered[0][1]
         forms.add("layers as layers_N" if style == "layers_N" else "layers as integer keys")
@@ -386,20 +452,26 @@ def normalize(
             layers=len(ordered),
             chunk_shape=(1, *info0.chunk_shape) if info0.chunk_shape is not None else None,
             note=info0.note, stack=stack_of[cpath],
+            stored=f"{len(ordered)} layers stored apart ({style}), each {info0.dtype} {tuple(info0.shape)}",
         )
 
     for cpath, (raw, info, group) in plain.items():
-        leaves[cpath] = LogicalLeaf(cpath, group, info.shape, info.dtype, Storage(raw=raw), chunk_shape=info.chunk_shape, note=info.note)
+        leaves[cpath] = LogicalLeaf(cpath, group, info.shape, info.dtype, Storage(raw=raw), chunk_shape=info.chunk_shape, note=info.note, stored=_stored(info))
 
     ignore_globs = tuple(chosen.ignore) + tuple(ignore) + (("rngs",) if ignore_rngs else ())
     kept = {p: l for p, l in sorted(leaves.items()) if not any_match(p, ignore_globs)}
     dropped = {p: l for p, l in sorted(leaves.items()) if p not in kept}
+    notes = tuple(
+        f"{ckpt.name}: the leaves of stack {stack} disagree on the layer count along axis {axis} "
+        f"({', '.join(str(c) for c in sorted(counts))}); if it stacks layers on another axis, pass scan_axis."
+        for (stack, axis), counts in sorted(stack_counts.items()) if len(counts) > 1 and not stack.startswith("rngs")
+    )
     if not forms:
         forms.add("no layer stacks")
-    return NormalizedView(ckpt, chosen, kept, dropped, tuple(sorted(f for f in forms if f)))
+    return NormalizedView(ckpt, chosen, kept, dropped, tuple(sorted(f for f in forms if f)), notes=notes)
 
 
 __all__: Iterable[str] = (
     "Layout", "LogicalLeaf", "NormalizedView", "TreeFacts", "BUILTIN_LAYOUTS",
-    "register_layout", "unregister_layout", "known_layouts", "normalize", "canonical_path",
+    "register_layout", "unregister_layout", "known_layouts", "normalize", "canonical_path", "strip_wrappers", "GROUP_KEYS",
 )

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from pytest_ckptparity._model import VALUES, LeafResult, ParityReport
+from pytest_ckptparity._model import DTYPE, LAYOUT, VALUES, LeafResult, ParityReport
 
 DEFAULT_MAX_ROWS = 20  # rows before "... and K more"; pytest -v raises it, -vv shows all
 
@@ -68,6 +68,11 @@ def describe_mismatch(r: LeafResult, names: tuple[str, str] = ("A", "B")) -> str
         text = f"shape {tuple(r.shape_a)} vs {tuple(r.shape_b)}"
     elif r.kind == "dtype":
         text = f"dtype {r.dtype_a} vs {r.dtype_b} (dtype_policy='cast' compares the values)"
+    elif r.kind == LAYOUT:
+        text = (
+            "layer layout differs, values not compared: a layer stack never matches a plain array or a stack "
+            "on another axis; if both hold the same layers, pass scan_axis=(axis of A, axis of B) or rename="
+        )
     else:
         text = f"present in {na if r.kind == 'only in A' else nb} only"
     if r.notes:
@@ -84,7 +89,8 @@ def summary_line(report: ParityReport) -> str:
     bad = report.mismatches
     first = ", ".join(f"{located_path(r)} ({r.kind})" for r in bad[:3])
     more = f", +{len(bad) - 3} more" if len(bad) > 3 else ""
-    return f"checkpoint parity failed: {len(bad)} of {n} leaves differ: {first}{more}"
+    hint = "; dtypes differ: dtype_policy='cast' compares the values" if any(r.kind == DTYPE for r in bad) else ""
+    return f"checkpoint parity failed: {len(bad)} of {n} leaves differ: {first}{more}{hint}"
 
 
 def _header(report: ParityReport) -> list[str]:

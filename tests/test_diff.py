@@ -40,8 +40,8 @@ def test_integers_and_bools_are_exact_even_with_tolerances():
     b = {"i": np.array([1, 2, 4], np.int32), "b": np.array([True, True])}
     report = compare_checkpoints(a, b, atol=10, rtol=10)
     kinds = {r.path: r.kind for r in report.results}
-    assert kinds == {"b": "values", "i": "values"}
-    i = next(r for r in report.results if r.path == "i")
+    assert kinds == {"params/b": "values", "params/i": "values"}  # a group-less tree is a model's parameters
+    i = next(r for r in report.results if r.path == "params/i")
     assert i.stats.worst_index == (2,) and (i.stats.worst_a, i.stats.worst_b) == (3, 4)
 
 
@@ -76,11 +76,11 @@ def test_every_mismatching_leaf_is_collected_with_index_and_values():
         assert_ckpt_parity(a, b)
     report = info.value.report
     assert len(report.mismatches) == 30
-    l7 = next(r for r in report.results if r.path == "l7")
+    l7 = next(r for r in report.results if r.path == "params/l7")
     assert l7.stats.worst_index == (3, 2) and l7.stats.worst_b == 8.0 and l7.stats.worst_a == 0.0
     msg = str(info.value)
     assert msg.splitlines()[0].startswith("checkpoint parity failed: 30 of 30 leaves differ")
-    assert "l0  [values] float32 (4, 5): 1/20 (5%) elements differ" in msg
+    assert "params/l0  [values] float32 (4, 5): 1/20 (5%) elements differ" in msg
     assert "worst at index (0, 0): A=0 B=1" in msg
     assert "... and 10 more" in msg  # rows are capped
 
@@ -90,7 +90,7 @@ def test_shape_dtype_and_one_sided_leaves():
     b = {"s": np.zeros((3, 2), np.float32), "d": np.zeros(3, np.float16), "only_b": f32(1)}
     report = compare_checkpoints(a, b, names=("old", "new"))
     kinds = {r.path: r.kind for r in report.results}
-    assert kinds == {"s": "shape", "d": "dtype", "only_a": "only in A", "only_b": "only in B"}
+    assert kinds == {"params/s": "shape", "params/d": "dtype", "params/only_a": "only in A", "params/only_b": "only in B"}
     with pytest.raises(CkptParityError) as info:
         assert_ckpt_parity(a, b, names=("old", "new"))
     text = str(info.value)

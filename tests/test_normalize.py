@@ -51,9 +51,13 @@ def test_real_samples_pairwise(samples):
 ])
 def test_detection_of_the_samples(samples, sample, label):
     with pytest.raises(CkptParityError) as info:
-        assert_ckpt_parity(samples[sample], {"other": np.zeros(1, np.float32)})
+        assert_ckpt_parity(samples[sample], {"step": np.zeros(1, np.float32), "other": np.zeros(1, np.float32)})
     assert f"A: {label}" in str(info.value)
     assert "B: generic tree (compared as it is)" in str(info.value)
+    # The fallback says why and what to do, and that the layouts probably differ.
+    assert "B: layout not recognised (top-level keys: other, step; group keys among them: step" in str(info.value)
+    assert "format_a/format_b" in str(info.value) and "register_layout" in str(info.value)
+    assert "the two layouts probably differ" in str(info.value)
 
 
 @pytest.mark.parametrize("name,label", [
