@@ -416,11 +416,44 @@ def _layout_differs(la: LogicalLeaf, lb: LogicalLeaf) -> bool:
     match each other: equal canonical shapes there would be luck, not parity."""
     if (la.layers is None) != (lb.layers is None):
         return True
-    if la.layers is None or la.layers == lb.layers or la.storage.axis == lb.storage.axis:
+    if la.layers is None or la.layers == lb.layers:
         return False
     # Same elements, another layer count: one side's stored shape is the other's with the
     # layer axis moved, i.e. the two sides stack on different axes.
     return sorted(la.shape) == sorted(lb.shape)
+
+
+def _stored_shape(leaf: LogicalLeaf) -> Optional[tuple[int, ...]]:
+    """The shape as stored, for a plain or stacked leaf (None for one array per layer)."""
+    if leaf.layers is None:
+        return leaf.shape
+    if leaf.storage.axis is None:
+        return None
+    rest = list(leaf.shape[1:])
+    rest.insert(leaf.storage.axis, leaf.layers)
+    return tuple(rest)
+
+
+def _axis_hint(la: LogicalLeaf, lb: LogicalLeaf) -> str:
+    """Which per-side scan axes would make the two stored arrays the same layer stack.
+
+    Both readings are often possible ((16, 2, 32) on axis 1 is (2, 16, 32) on axis 0); a
+    side whose stack disagrees with itself on the layer count is the one read wrongly.
+    """
+    options = []
+    for this, other, pos in ((la, lb, 0), (lb, la, 1)):
+        shape = _stored_shape(this)
+        if shape is None or other.layers is None:
+            continue
+        for k, n in enumerate(shape):
+            if k != this.storage.axis and n == other.layers and (n,) + shape[:k] + shape[k + 1:] == other.shape:
+                axes = [None, None]
+                axes[pos], axes[1 - pos] = k, other.storage.axis
+                if None not in axes:
+                    options.append((not this.stack_agrees, f"scan_axis=({axes[0]}, {axes[1]}) if {'AB'[pos]} stacks its layers on axis {k}"))
+    if any(odd for odd, _ in options):
+        options = [o for o in options if o[0]]
+    return "pass " + ", or ".join(text for _, text in options) if options else ""
 
 
 def _structural(
@@ -437,9 +470,13 @@ def _structural(
     notes: list[str] = []
     if la.note or lb.note:
         notes.append(la.note or lb.note)
+    for leaf, name in ((la, names[0]), (lb, names[1])):
+        if not leaf.stack_agrees:
+            notes.append(f"the leaves of {name}'s stack {leaf.stack} disagree on their layer count: its layers may be read on the wrong axis (see scan_axis)")
     if _layout_differs(la, lb):
         na, nb = names
         notes += [f"{na} stores {la.stored}", f"{nb} stores {lb.stored}"]
+        notes.append(_axis_hint(la, lb) or "pass scan_axis=(axis of A, axis of B) or rename= if both hold the same layers")
         return LeafResult(path, LAYOUT, notes=tuple(notes), **base), None, ()
     if la.shape != lb.shape:
         if la.layers is not None and lb.layers is not None and la.layers != lb.layers:
@@ -504,7 +541,8 @@ def _header_notes(va: NormalizedView, vb: NormalizedView, opts: CompareOptions, 
     if scope:
         notes.append(scope)
     one_sided = sum(r.kind in (ONLY_IN_A, ONLY_IN_B) for r in results)
-    if results and one_sided * 2 > len(results):
+    generic = not (va.layout.canonical and vb.layout.canonical)
+    if generic and results and one_sided * 2 > len(results):
         notes.append(
             f"{one_sided} of {len(results)} leaves are on one side only: the two layouts probably differ "
             f"({va.name}: {va.layout.name}, {vb.name}: {vb.layout.name}); check the layouts above, or map paths with rename=."

@@ -132,6 +132,75 @@ def maxtext_linen_compatible(params: dict[str, Any], *, step: int = 7, seed: int
     return tree
 
 
+def restack(params: dict[str, Any], axis: int, from_axis: int = LAYER_AXIS) -> dict[str, Any]:
+    """The same weights with `decoder/layers` stacked on another axis (NNX `nnx.vmap` stacks on 0)."""
+    out = dict(params)
+    decoder = dict(params["decoder"])
+    decoder["layers"] = _map(decoder["layers"], lambda x: np.ascontiguousarray(np.moveaxis(x, from_axis, axis)))
+    out["decoder"] = decoder
+    return out
+
+
+def nnx_converter_state(params: dict[str, Any], *, step: int = 7, seed: int = 0) -> dict[str, Any]:
+    """What the Linen -> NNX converter proposed for MaxText writes: `model/...` wrapped
+    (`.../value`), the optimizer plain: `optimizer/step`, `optimizer/opt_state/0/{count, mu, nu}`
+    without wrappers and without a `params` level, `optimizer/opt_state/2/count`."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    mu, nu = _adam_moments(params, seed)
+    model = nnx.State(_map(params, lambda x: nnx.Param(jnp.asarray(x))))
+    opt = {"0": {"count": np.asarray(step, np.int32), "mu": mu, "nu": nu}, "2": {"count": np.asarray(step, np.int32)}}
+    return {"model": model, "optimizer": {"step": np.asarray(step, np.uint32), "opt_state": opt}}
+
+
+def nnx_older_state(params: dict[str, Any], *, step: int = 7, seed: int = 0, with_optimizer: bool = False) -> dict[str, Any]:
+    """Earlier NNX code: `{"params": <wrapped model>, "step"}`, or with `with_optimizer`
+    `{"params": <model>, "optimizer": {"step", "opt_state"}}` (plain)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if not with_optimizer:
+        return {"params": nnx.State(_map(params, lambda x: nnx.Param(jnp.asarray(x)))), "step": np.asarray(step, np.int32)}
+    mu, nu = _adam_moments(params, seed)
+    opt = {"0": {"count": np.asarray(step, np.int32), "mu": mu, "nu": nu}, "2": {"count": np.asarray(step, np.int32)}}
+    return {"params": params, "optimizer": {"step": np.asarray(step, np.uint32), "opt_state": opt}}
+
+
+def nnx_module(params: dict[str, Any]) -> Any:
+    """A real `nnx.Module` holding `params` as `nnx.Param`s: nested dicts become submodules,
+    integer-keyed layers (`unstack(..., "int_keys")`) an `nnx.List` of modules."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, tree: dict[Any, Any]) -> None:
+            for key, value in tree.items():
+                setattr(self, str(key), _as_module(value))
+
+    def _as_module(value: Any) -> Any:
+        if isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
+            return nnx.List([_as_module(value[i]) for i in range(len(value))])
+        if isinstance(value, dict):
+            return Block(value)
+        return nnx.Param(jnp.asarray(value))
+
+    return Block(params)
+
+
+def save_nnx_model(path: str | os.PathLike, model: Any, *, pure: bool = False) -> str:
+    """flax's documented save: `ocp.StandardCheckpointer().save(path, nnx.state(model))`
+    (module attributes at the top, `.../value` leaves), or its `nnx.to_pure_dict` form."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    path = os.path.abspath(os.fspath(path))
+    state = nnx.state(model)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, nnx.to_pure_dict(state) if pure else state)
+    return path
+
+
 def decode_params(params: dict[str, Any], *, wrapped: bool = True) -> dict[str, Any]:
     """A parameter-only decode checkpoint: bf16, `decoder/...` at the top, `.../value` leaves."""
     import ml_dtypes

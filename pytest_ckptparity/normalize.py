@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from pytest_ckptparity._model import ArrayInfo
@@ -210,6 +210,7 @@ class LogicalLeaf:
     stack: str = ""  # layered leaves: the canonical path of their stack, e.g. params/decoder/layers
 
     stored: str = ""  # how the side stores it, for layout mismatches: "stacked on axis 1 of (16, 2, 32)"
+    stack_agrees: bool = True  # False when the leaves of its stack disagree on the layer count
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -458,14 +459,20 @@ def normalize(
     for cpath, (raw, info, group) in plain.items():
         leaves[cpath] = LogicalLeaf(cpath, group, info.shape, info.dtype, Storage(raw=raw), chunk_shape=info.chunk_shape, note=info.note, stored=_stored(info))
 
+    odd = sorted((stack, axis) for (stack, axis), counts in stack_counts.items() if len(counts) > 1 and not stack.startswith("rngs"))
+    odd_stacks = {stack for stack, _ in odd}
+    for p, leaf in leaves.items():
+        if leaf.storage.axis is not None and leaf.stack in odd_stacks:
+            leaves[p] = replace(leaf, stack_agrees=False)
     ignore_globs = tuple(chosen.ignore) + tuple(ignore) + (("rngs",) if ignore_rngs else ())
     kept = {p: l for p, l in sorted(leaves.items()) if not any_match(p, ignore_globs)}
     dropped = {p: l for p, l in sorted(leaves.items()) if p not in kept}
-    notes = tuple(
-        f"{ckpt.name}: the leaves of stack {stack} disagree on the layer count along axis {axis} "
-        f"({', '.join(str(c) for c in sorted(counts))}); if it stacks layers on another axis, pass scan_axis."
-        for (stack, axis), counts in sorted(stack_counts.items()) if len(counts) > 1 and not stack.startswith("rngs")
-    )
+    notes: tuple[str, ...] = ()
+    if odd:
+        listed = ", ".join(stack for stack, _ in odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        axes = ", ".join(sorted({str(axis) for _, axis in odd}))
+        notes = (f"{ckpt.name}: the leaves of {listed} disagree on their layer count along axis {axes}; "
+                 f"if layers are stacked on another axis, pass scan_axis.",)
     if not forms:
         forms.add("no layer stacks")
     return NormalizedView(ckpt, chosen, kept, dropped, tuple(sorted(f for f in forms if f)), notes=notes)

@@ -69,10 +69,7 @@ def describe_mismatch(r: LeafResult, names: tuple[str, str] = ("A", "B")) -> str
     elif r.kind == "dtype":
         text = f"dtype {r.dtype_a} vs {r.dtype_b} (dtype_policy='cast' compares the values)"
     elif r.kind == LAYOUT:
-        text = (
-            "layer layout differs, values not compared: a layer stack never matches a plain array or a stack "
-            "on another axis; if both hold the same layers, pass scan_axis=(axis of A, axis of B) or rename="
-        )
+        text = "layer layout differs, values not compared (a layer stack never matches a plain array or a stack on another axis)"
     else:
         text = f"present in {na if r.kind == 'only in A' else nb} only"
     if r.notes:
