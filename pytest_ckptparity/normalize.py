@@ -114,9 +114,10 @@ def _is_older_nnx(f: TreeFacts) -> bool:
     return "optimizer" in f.top or (f.wrapped_under("params") is True and "step" in f.top)
 
 
-def _is_nnx(wrapped: Optional[bool]) -> Callable[[TreeFacts], bool]:
+def _is_nnx(wrapped: bool) -> Callable[[TreeFacts], bool]:
+    """`model/...` (and `optimizer/...`, if any) all wrapped, or all plain."""
     return lambda f: "model" in f.top and f.wrapped_under("model") is wrapped and (
-        wrapped is None or not (f.top & {"optimizer"}) or f.wrapped_under("optimizer") is wrapped)
+        "optimizer" not in f.top or f.wrapped_under("optimizer") is wrapped)
 
 
 BUILTIN_LAYOUTS: tuple[Layout, ...] = (
@@ -208,7 +209,6 @@ class LogicalLeaf:
     chunk_shape: Optional[tuple[int, ...]] = None  # in canonical coordinates
     note: str = ""
     stack: str = ""  # layered leaves: the canonical path of their stack, e.g. params/decoder/layers
-
     stored: str = ""  # how the side stores it, for layout mismatches: "stacked on axis 1 of (16, 2, 32)"
     stack_agrees: bool = True  # False when the leaves of its stack disagree on the layer count
 
