@@ -218,3 +218,85 @@ def test_plugin_reads_a_bucket_against_a_local_copy(pytester, stores, xdist):
         "*= checkpoint parity =*", "leaves compared: 12  mismatched: 0  comparisons: 11",
         "PASSED ckpt-parity::params/decoder/layers/mlp/wi_0/kernel", "*11 passed*",
     ])
+
+
+class SocketHosts:
+    """Two execnet socket servers on 127.0.0.1: xdist workers that are not local popen workers.
+
+    Each is its own process with its own working folder and environment (the S3 endpoint and
+    credentials), as a host of a multi-host run is; xdist reaches them with --tx socket=.
+    """
+
+    def __init__(self, root: Path, env: dict[str, str], count: int = 2) -> None:
+        import execnet
+
+        script = Path(execnet.__file__).parent / "script" / "socketserver.py"
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        for i in range(count):
+            home = root / f"host{i}"
+            home.mkdir()
+            port = free_port()
+            log = home / "server.log"
+            with open(log, "w") as out:
+                self.procs.append(subprocess.Popen([sys.executable, "-u", str(script), f"127.0.0.1:{port}"], cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT))
+            self.ports.append(port)
+            self.logs.append(log)
+        import time
+
+        deadline = time.monotonic() + 60
+        while not all("Entering Accept loop" in l.read_text() for l in self.logs):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise RuntimeError("execnet socket servers did not start: " + " | ".join(l.read_text()[-300:] for l in self.logs))
+            time.sleep(0.1)
+
+    def tx(self) -> list[str]:
+        return [arg for port in self.ports for arg in ("--tx", f"socket=127.0.0.1:{port}")]
+
+    def stop(self) -> None:
+        from emulators import stop
+
+        for p in self.procs:
+            stop(p)
+
+
+def _ran(result: pytest.RunResult) -> list[str]:
+    return [l.split(" ", 1)[1].split(" - ", 1)[0] for l in result.stdout.lines if l.startswith(("PASSED ckpt-parity::", "FAILED ckpt-parity::"))]
+
+
+def test_many_hosts_each_read_their_own_subtrees_from_the_bucket(pytester, stores, demo_ckpts, tmp_path):
+    a = stores.s3.upload(demo_ckpts["nnx"], BUCKET, "hosts/nnx")
+    b = stores.s3.upload(demo_ckpts["nnx_drift"], BUCKET, "hosts/nnx_drift")
+    args = ("-p", "no:cacheprovider", f"--ckpt-a={a}", f"--ckpt-b={b}", "-rA")
+    one = pytester.runpytest_subprocess(*args, f"--ckpt-report={tmp_path / 'one.json'}")
+    assert one.ret == 1
+    expected = _ran(one)
+
+    hosts = SocketHosts(tmp_path, {**os.environ, **stores.s3.env()})
+    try:
+        many = pytester.runpytest_subprocess(*args, *hosts.tx(), "--dist", "load", f"--ckpt-report={tmp_path / 'many.json'}", timeout=300)
+    finally:
+        hosts.stop()
+    assert many.ret == 1
+    ran = _ran(many)
+    assert sorted(ran) == sorted(expected) and len(ran) == len(set(ran)) == 13  # every item once, across hosts
+    many.stdout.fnmatch_lines_random([
+        "*checkpoint parity failed: 1 of 9 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (values)*",
+        "FAILED ckpt-parity::opt_state/0/mu/decoder/layers[[]1[]]*",
+        "FAILED ckpt-parity::params/decoder/layers[[]1[]]*",
+        "leaves compared: 39  mismatched: 2  comparisons: 13",
+        "workers that ran comparisons: 2 (gw0 on *: * comparisons, * bytes; gw1 on *: * comparisons, * bytes)",
+        "*2 failed, 11 passed*",
+    ])
+    import json
+
+    one_totals = json.loads((tmp_path / "one.json").read_text())["totals"]
+    many_totals = json.loads((tmp_path / "many.json").read_text())["totals"]
+    assert many_totals["bytes_read"] == one_totals["bytes_read"] > 0  # no host read another's subtrees
+    workers = many_totals["workers"]
+    assert sorted(workers) == ["gw0", "gw1"] and sum(w["bytes_read"] for w in workers.values()) == one_totals["bytes_read"]
+    assert sum(w["comparisons"] for w in workers.values()) == 13 and all(w["comparisons"] > 0 for w in workers.values())
+    for log in hosts.logs:  # each worker ran inside its own socket server, not as a local popen worker
+        assert "got new connection from 127.0.0.1" in log.read_text()
