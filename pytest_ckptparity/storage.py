@@ -196,6 +196,7 @@ class _Store:
         self.root_url = root_url
         self.timeout = timeout
         self.listings: dict[str, frozenset[str]] = {}  # listed prefix (ending in '/') -> full keys
+        self.files: dict[str, Optional[bytes]] = {}  # small files read while locating (asked several times)
         self._kv: Any = None
         self._lock = threading.Lock()
 
@@ -274,11 +275,15 @@ class KvStorage(Storage):
 
     def read(self, key: str) -> Optional[bytes]:
         full = self._key(key)
+        if full in self.store.files:
+            return self.store.files[full]
         listing = self.store.listed(full)
         if listing is not None and full not in listing:
             return None
         result = self.store.wait(self.store.kv().read(full), self.url)
-        return bytes(result.value) if result.state == "value" else None
+        data = bytes(result.value) if result.state == "value" else None
+        self.store.files[full] = data
+        return data
 
     def exists(self, key: str) -> bool:
         full = self._key(key)

@@ -202,6 +202,18 @@ def test_storage_options_reach_the_spec(stores):
         open_checkpoint(stores.url("s3", "maxtext_nnx_scan"), storage_options={"request_concurrency": "many"})
 
 
+def test_cli_compares_and_inspects_bucket_urls(stores, capsys):
+    from pytest_ckptparity.cli import main
+
+    assert main(["inspect", stores.url("gs", "maxtext_nnx_scan")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"gs://{BUCKET}/runs/maxtext_nnx_scan/0/items"
+    assert "params/decoder/layers/mlp/wi_0/kernel" in out and "2 layers" in out
+    assert main([stores.url("s3", "maxtext_decode_scan"), stores.url("gs", "maxtext_decode_unroll")]) == 0
+    assert main([stores.url("s3", "maxtext_nnx_scan"), f"s3://{BUCKET}/runs/missing"]) == 2
+    assert f"B: checkpoint path 's3://{BUCKET}/runs/missing' does not exist" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------
 # The pytest surface and many hosts
 # --------------------------------------------------------------------------------------
