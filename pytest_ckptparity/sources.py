@@ -358,10 +358,10 @@ class OrbaxCheckpoint(Checkpoint):
             opening.append((keys, param, fut))
         for keys, param, fut in opening:
             try:
-                arr = fut.result()
+                arr = fut.result(timeout=self.item_dir.timeout)
+            except TimeoutError:
+                raise _usage(self.name, self.item_dir, f"array '{param}' in '{self.item_dir}' did not open within {self.item_dir.timeout:g} s; check the endpoint and the network (storage option timeout=SECONDS).") from None
             except Exception as e:  # tensorstore raises ValueError with a status text
-                missing = "NOT_FOUND" in str(e) or "does not exist" in str(e)
-                what = "has no data" if missing else f"cannot be opened ({_short(e)})"
                 raise _usage(self.name, self.item_dir, _open_failure(e, param, self.item_dir)) from None
             self._arrays[keys] = arr
             chunk = arr.chunk_layout.read_chunk.shape

@@ -75,6 +75,7 @@ class Storage:
 
     url: str
     name: str
+    timeout: Optional[float] = None  # seconds a metadata request may take (None: no bound, local)
 
     def child(self, *parts: str) -> "Storage":
         """The location `parts` below this one."""
@@ -250,6 +251,7 @@ class KvStorage(Storage):
         self.path = path.strip("/") if store.base.get("driver") in _CLOUD else path.rstrip("/")
         self.url = store.root_url + self.path
         self.name = self.path.rsplit("/", 1)[-1]
+        self.timeout = store.timeout
 
     def _key(self, key: str = "") -> str:
         return f"{self.path}/{key}" if key and self.path else (key or self.path)

@@ -202,6 +202,20 @@ def test_storage_options_reach_the_spec(stores):
         open_checkpoint(stores.url("s3", "maxtext_nnx_scan"), storage_options={"request_concurrency": "many"})
 
 
+def test_a_server_that_never_answers_is_a_timeout_not_a_hang(stores):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does), never answers a request
+    try:
+        url = f"s3://{BUCKET}/runs/maxtext_decode_scan"
+        with pytest.raises(CkptParityUsageError, match=rf"A: '{url}.*' did not answer within 2 s; check the endpoint"):
+            open_checkpoint(url, storage_options={"endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}", "timeout": "2"})
+    finally:
+        silent.close()
+
+
 def test_cli_compares_and_inspects_bucket_urls(stores, capsys):
     from pytest_ckptparity.cli import main
 
