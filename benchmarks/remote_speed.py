@@ -14,7 +14,9 @@ runs every contender in its own process, `--repeat` times (median wall time, hig
   local floor    the same floor on the local copies (page cache warm)
   local          `ckptparity A B` on the local copies
 
-Peak RSS is the child's ru_maxrss (the emulator's own memory is not counted). The emulator
+Peak RSS is the child's ru_maxrss (the emulator's own memory is not counted). Linux carries a
+parent's peak RSS into a child across fork+exec, so the uploads run in a child of their own
+and this process stays small: otherwise every figure would read at least the uploader's size. The emulator
 shares this machine's cores with the reader, so remote figures here are a lower bound on
 what a real bucket's parallelism gives; the ratio to the floor is the figure that carries over.
 """
@@ -62,6 +64,17 @@ reads = [a.read() for a in arrays]
 print(sum(r.result().nbytes for r in reads))
 '''
 
+UPLOAD = r'''
+import sys, boto3
+from pathlib import Path
+client = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1")
+client.create_bucket(Bucket="bench")
+for side, folder in zip("ab", sys.argv[2:]):
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), "bench", f"{side}/{f.relative_to(folder).as_posix()}")
+'''
+
 
 def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     t0 = time.perf_counter()
@@ -84,10 +97,9 @@ def main() -> None:
     print(f"pair: {desc}")
     s3 = S3Emulator()
     try:
-        s3.make_bucket("bench")
         t0 = time.perf_counter()
-        ua = s3.upload(a, "bench", "a")
-        ub = s3.upload(b, "bench", "b")
+        subprocess.run([sys.executable, "-c", UPLOAD, s3.endpoint, a, b], check=True, env={**os.environ, **s3.env()})
+        ua, ub = "s3://bench/a", "s3://bench/b"
         size = sum(f.stat().st_size for side in (a, b) for f in Path(side).rglob("*") if f.is_file())
         print(f"uploaded {size / 1e9:.2f} GB to moto on {s3.endpoint} in {time.perf_counter() - t0:.1f} s")
         env = {**os.environ, **s3.env()}

@@ -69,9 +69,15 @@ class S3Emulator:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **S3_ENV},
         )
         _wait_http(self.endpoint + "/", self.proc, "moto server")
-        import boto3
+        self._client = None
 
-        self.client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+    @property
+    def client(self):
+        if self._client is None:  # boto3 is imported only by a process that uploads
+            import boto3
+
+            self._client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+        return self._client
 
     def make_bucket(self, bucket: str) -> None:
         self.client.create_bucket(Bucket=bucket)

@@ -185,6 +185,14 @@ def test_bad_urls_each_end_in_one_sentence(stores, tmp_path):
     # The same URL with credentials from the environment passes from a shell.
     proc = _cli(stores.url("s3", "maxtext_decode_scan"), local, "--atol", "0", "--rtol", "0", env=_clean_env(**stores.s3.env()))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # ... and with a named profile from a credentials file (storage option profile=NAME).
+    creds = tmp_path / "credentials"
+    creds.write_text("[bench]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    code = ("import sys; from pytest_ckptparity.sources import open_checkpoint; "
+            "c = open_checkpoint(sys.argv[1], storage_options={'profile': 'bench'}); print(len(c.leaves()), c.read(sorted(c.leaves())[0]).result().size)")
+    proc = subprocess.run([sys.executable, "-c", code, stores.url("s3", "maxtext_decode_scan")], capture_output=True, text=True, timeout=120,
+                          env=_clean_env(AWS_ENDPOINT_URL=stores.s3.endpoint, AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(tmp_path / "none")))
+    assert proc.returncode == 0 and proc.stdout.split()[0] == "12", proc.stderr[-2000:]
 
 
 def test_storage_options_reach_the_spec(stores):
