@@ -206,7 +206,7 @@ class _Store:
             if self._kv is None:
                 import tensorstore as ts
 
-                self._kv = ts.KvStore.open({**self.base, "path": ""}, context=ts.Context(self.context)).result()
+                self._kv = self.wait(ts.KvStore.open({**self.base, "path": ""}, context=ts.Context(self.context)), self.root_url)
             return self._kv
 
     def wait(self, future: Any, url: str) -> Any:
@@ -227,20 +227,33 @@ class _Store:
 
 
 def explain(err: BaseException, url: str) -> str:
-    """One sentence for a failed object-store request."""
+    """One sentence for a failed object-store request, chosen by tensorstore's status code."""
     text = str(err)
+    status = re.match(r"\s*([A-Z_]+):", text)
+    code = status.group(1) if status else ""
     short = _short(err)
-    if "NoSuchBucket" in text or ("NOT_FOUND" in text and "bucket" in text.lower()):
+    if "NoSuchBucket" in text:
         return f"'{url}' does not exist (no such bucket); check the bucket name."
-    if "NOT_FOUND" in text:
+    if code == "NOT_FOUND":
         return f"'{url}' does not exist; check the URL."
-    if any(s in text for s in ("PERMISSION_DENIED", "UNAUTHENTICATED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "credentials")):
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or "credentials provider" in text or "AccessDenied" in text:
         return (f"access to '{url}' was denied ({short}); check the credentials: for gs:// application-default "
-                f"credentials (gcloud auth application-default login), for s3:// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE.")
-    if "CURL error" in text or "retry attempts failed" in text or "UNAVAILABLE" in text:
+                f"credentials (gcloud auth application-default login), for s3:// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile "
+                f"(AWS_PROFILE, storage option profile=NAME).")
+    if "CURL error" in text or "retry attempts failed" in text or code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
         return (f"could not reach the object store for '{url}' ({short}); check the endpoint "
                 f"(AWS_ENDPOINT_URL or storage option endpoint=URL) and the network.")
     return f"could not read '{url}' ({short})."
+
+
+def _profile_credentials(profile: str) -> dict[str, Any]:
+    """tensorstore's profile provider needs both file paths spelled out; take them as the AWS tools do."""
+    aws = os.path.join(os.path.expanduser("~"), ".aws")
+    return {
+        "type": "profile", "profile": profile,
+        "credentials_file": os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(aws, "credentials"),
+        "config_file": os.environ.get("AWS_CONFIG_FILE") or os.path.join(aws, "config"),
+    }
 
 
 class KvStorage(Storage):
@@ -369,8 +382,10 @@ def open_storage(location: os.PathLike | str, options: Optional[Mapping[str, Any
             spec["host_header"] = str(opts["host_header"])
         if "requester_pays" in opts:
             spec["requester_pays"] = _bool("requester_pays", opts["requester_pays"])
-        if "profile" in opts:
-            spec["aws_credentials"] = {"type": "profile", "profile": str(opts["profile"])}
+        # tensorstore's default chain reads the key variables but not AWS_PROFILE: pass the profile on.
+        profile = opts.get("profile") or (None if os.environ.get("AWS_ACCESS_KEY_ID") else os.environ.get("AWS_PROFILE"))
+        if profile:
+            spec["aws_credentials"] = _profile_credentials(str(profile))
     if driver == "gcs" and "user_project" in opts:
         context["gcs_user_project"] = {"project_id": str(opts["user_project"])}
     try:

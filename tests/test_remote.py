@@ -190,9 +190,15 @@ def test_bad_urls_each_end_in_one_sentence(stores, tmp_path):
     creds.write_text("[bench]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
     code = ("import sys; from pytest_ckptparity.sources import open_checkpoint; "
             "c = open_checkpoint(sys.argv[1], storage_options={'profile': 'bench'}); print(len(c.leaves()), c.read(sorted(c.leaves())[0]).result().size)")
-    proc = subprocess.run([sys.executable, "-c", code, stores.url("s3", "maxtext_decode_scan")], capture_output=True, text=True, timeout=120,
-                          env=_clean_env(AWS_ENDPOINT_URL=stores.s3.endpoint, AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(tmp_path / "none")))
+    profile_env = _clean_env(AWS_ENDPOINT_URL=stores.s3.endpoint, AWS_SHARED_CREDENTIALS_FILE=str(creds), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-c", code, stores.url("s3", "maxtext_decode_scan")], capture_output=True, text=True, timeout=120, env=profile_env)
     assert proc.returncode == 0 and proc.stdout.split()[0] == "12", proc.stderr[-2000:]
+    # AWS_PROFILE works as with the AWS tools; a profile that is not in the file is one sentence.
+    proc = _cli(stores.url("s3", "maxtext_decode_scan"), local, "--atol", "0", "--rtol", "0", env={**profile_env, "AWS_PROFILE": "bench"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _cli(stores.url("s3", "maxtext_decode_scan"), local, env={**profile_env, "AWS_PROFILE": "nobody"})
+    line = _one_sentence(proc.stderr)
+    assert proc.returncode == 2 and f"access to 's3://{BUCKET}/" in line and "AWS_PROFILE" in line
 
 
 def test_storage_options_reach_the_spec(stores):
