@@ -340,3 +340,31 @@ def test_many_hosts_each_read_their_own_subtrees_from_the_bucket(pytester, store
     assert sum(w["comparisons"] for w in workers.values()) == 13 and all(w["comparisons"] > 0 for w in workers.values())
     for log in hosts.logs:  # each worker ran inside its own socket server, not as a local popen worker
         assert "got new connection from 127.0.0.1" in log.read_text()
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_named_bucket_checkpoints_through_ini_and_fixtures(pytester, stores, xdist):
+    pytester.makeini(f"""
+        [pytest]
+        ckpt_paths =
+            scan_gs = {stores.url("gs", "maxtext_decode_scan")}
+            unroll_local = {stores.local["maxtext_decode_unroll"]}
+    """)
+    pytester.makepyfile(f"""
+        import pytest
+
+        def test_bucket_matches_local(ckpt, ckpt_parity):
+            report = ckpt_parity(ckpt("scan_gs"), ckpt("unroll_local"), atol=0, rtol=0)
+            assert report.passed and len(report.results) == 12
+            assert ckpt("scan_gs").location == "gs://{BUCKET}/runs/maxtext_decode_scan/0/items"
+
+        @pytest.mark.ckpt_matrix("scan_gs", "unroll_local", "scan_s3")
+        def test_matrix(ckpt_pair, ckpt_parity):
+            ckpt_parity(*ckpt_pair)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--ckpt=scan_s3={stores.url('s3', 'maxtext_decode_scan')}", "-rA", *xdist)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines_random([
+        "PASSED *::test_bucket_matches_local", "PASSED *::test_matrix[[]scan_gs-vs-unroll_local[]]",
+        "PASSED *::test_matrix[[]scan_gs-vs-scan_s3[]]", "PASSED *::test_matrix[[]unroll_local-vs-scan_s3[]]", "*4 passed*",
+    ])
