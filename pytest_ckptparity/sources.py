@@ -325,7 +325,7 @@ class OrbaxCheckpoint(Checkpoint):
         notes: dict[str, str] = {}
         folder = self.item_dir.child("array_metadatas")
         try:
-            names = [n for n, is_folder in folder.list() if not is_folder] if folder.kind() == "folder" else []
+            names = [n for n, is_folder in folder.list() if not is_folder]  # a missing folder lists nothing (remote) or raises (local)
         except StorageError:
             return notes  # optional metadata: an unreadable folder only loses the notes
         for n in names:
