@@ -35,6 +35,7 @@ class RunStats:
     comparisons: int = 0
     leaves: list[dict[str, Any]] = field(default_factory=list)
     wall_time: float = 0.0
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)  # xdist worker id -> what it did
 
     def add_report(self, report: Any) -> None:
         self.comparisons += 1
@@ -44,7 +45,10 @@ class RunStats:
     def to_dict(self) -> dict[str, Any]:
         return {"comparisons": self.comparisons, "leaves": self.leaves, "wall_time": self.wall_time}
 
-    def merge(self, other: dict[str, Any]) -> None:
+    def merge(self, other: dict[str, Any], worker: Optional[str] = None) -> None:
+        if worker is not None and other.get("comparisons"):
+            bytes_read = sum(int(l.get("bytes_read") or 0) for l in other.get("leaves", []))
+            self.workers[worker] = {"host": other.get("host", ""), "comparisons": int(other["comparisons"]), "bytes_read": bytes_read}
         self.comparisons += int(other.get("comparisons", 0))
         self.wall_time += float(other.get("wall_time", 0.0))
         self.leaves.extend(other.get("leaves", []))
@@ -67,6 +71,7 @@ class RunStats:
             "wall_time_s": round(self.wall_time, 6),
             "worst_leaf": worst["path"] if worst else None,
             "worst_kind": worst["kind"] if worst else None,
+            "workers": dict(sorted(self.workers.items())),
         }
 
 

@@ -91,7 +91,7 @@ class _XdistMerge:
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         data = getattr(node, "workeroutput", {}).get(WORKER_KEY)
         if data:
-            self.config.stash[stats_key].merge(data)
+            self.config.stash[stats_key].merge(data, worker=str(getattr(node, "workerinput", {}).get("workerid", "?")))
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -273,7 +273,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if stats is None:
         return
     if _is_worker(config):
-        config.workeroutput[WORKER_KEY] = stats.to_dict()  # type: ignore[attr-defined]
+        import socket
+
+        config.workeroutput[WORKER_KEY] = {**stats.to_dict(), "host": socket.gethostname()}  # type: ignore[attr-defined]
         return
     path = config.stash[settings_key].report_path
     if path:
@@ -290,6 +292,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr.write_sep("=", GROUP)
     tr.write_line(f"leaves compared: {t['leaves_compared']}  mismatched: {t['leaves_mismatched']}  comparisons: {t['comparisons']}")
     tr.write_line(f"bytes read: {t['bytes_read']:,}  wall time in comparisons: {t['wall_time_s']:.3f} s")
+    if t["workers"]:  # which xdist workers (hosts) compared what, e.g. every host read its own subtrees
+        each = "; ".join(f"{w} on {d['host']}: {d['comparisons']} comparisons, {d['bytes_read']:,} bytes" for w, d in t["workers"].items())
+        tr.write_line(f"workers that ran comparisons: {len(t['workers'])} ({each})")
     if t["worst_leaf"]:
         tr.write_line(f"worst leaf: {t['worst_leaf']} ({t['worst_kind']})", red=True)
     report_path = config.stash[settings_key].report_path

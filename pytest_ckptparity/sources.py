@@ -5,6 +5,8 @@ Two kinds of source, one interface (`Checkpoint`):
 - `OrbaxCheckpoint` reads an orbax folder directly: the tree from orbax's `_METADATA` JSON,
   shapes/dtypes/chunks from each array's zarr metadata, data through tensorstore. It never
   imports jax or orbax (about 1.4 s of import here) and never opens anything for writing.
+  Every file and listing goes through a `storage.Storage`, so a local folder, `gs://` and
+  `s3://` take the same way.
 - `InMemoryCheckpoint` wraps a live tree (dicts, lists, TrainState, nnx.State, nnx.Module,
   jax/numpy arrays). jax is imported only when the tree holds jax or flax objects.
 
@@ -17,12 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pytest_ckptparity._model import ArrayInfo
 from pytest_ckptparity._paths import KeyPath, path_str
 from pytest_ckptparity.errors import CkptParityUsageError
+from pytest_ckptparity.storage import Storage, StorageError, explain, open_storage
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
@@ -81,35 +83,33 @@ def _usage(side: str, path: Any, what: str) -> CkptParityUsageError:
     return CkptParityUsageError(f"{side}: {what}", path=path)
 
 
-def _is_committed_step(d: Path) -> bool:
-    return _TMP_MARK not in d.name and (d / "commit_success.txt").is_file()
+def _is_committed_step(d: Storage) -> bool:
+    return _TMP_MARK not in d.name and d.exists("commit_success.txt")
 
 
-def _list_dir(side: str, p: Path) -> list[Path]:
+def _list_dir(side: str, p: Storage) -> list[tuple[str, bool]]:
     try:
-        return sorted(p.iterdir())
-    except PermissionError:
-        raise _usage(side, p, f"permission denied reading '{p}'; make it readable (read and execute) for this user.") from None
-    except OSError as e:
-        raise _usage(side, p, f"cannot list '{p}' ({e.strerror}); check the path and the file system.") from None
+        return p.list()
+    except StorageError as e:
+        raise _usage(side, p, str(e)) from None
 
 
-def _item_subfolder(side: str, step_dir: Path) -> Optional[Path]:
-    items = [c for c in _list_dir(side, step_dir) if c.is_dir() and (c / "_METADATA").is_file()]
+def _item_subfolder(side: str, step_dir: Storage) -> Optional[Storage]:
+    # The usual item names are probed first: on an object store that avoids listing a step.
+    for preferred in _ITEM_PREFERENCE:
+        if step_dir.exists(f"{preferred}/_METADATA"):
+            return step_dir.child(preferred)
+    items = [step_dir.child(n) for n, is_folder in _list_dir(side, step_dir) if is_folder and step_dir.exists(f"{n}/_METADATA")]
     if not items:
         return None
-    for preferred in _ITEM_PREFERENCE:
-        for c in items:
-            if c.name == preferred:
-                return c
     if len(items) == 1:
         return items[0]
     names = ", ".join(c.name for c in items)
     raise _usage(side, step_dir, f"step folder '{step_dir}' holds several items ({names}); point at the one to compare, e.g. '{items[0]}'.")
 
 
-def _refuse_if_code_file(side: str, p: Path) -> None:
-    if p.suffix.lower() in _CODE_RUNNING_SUFFIXES or p.name == "checkpoint":
+def _refuse_if_code_file(side: str, p: Storage) -> None:
+    if os.path.splitext(p.name)[1].lower() in _CODE_RUNNING_SUFFIXES or p.name == "checkpoint":
         raise _usage(
             side, p,
             f"refusing '{p}': pickle, msgpack and similar files can run code or are not orbax "
@@ -117,62 +117,69 @@ def _refuse_if_code_file(side: str, p: Path) -> None:
         )
 
 
-def _steps(side: str, root: Path) -> tuple[dict[int, Path], list[Path]]:
-    committed: dict[int, Path] = {}
-    unfinished: list[Path] = []
-    for c in _list_dir(side, root):
-        if not c.is_dir():
+def _steps(side: str, root: Storage) -> tuple[dict[int, Storage], list[Storage]]:
+    committed: dict[int, Storage] = {}
+    unfinished: list[Storage] = []
+    for name, is_folder in _list_dir(side, root):
+        if not is_folder:
             continue
-        if _TMP_MARK in c.name:
+        c = root.child(name)
+        if _TMP_MARK in name:
             unfinished.append(c)
             continue
-        m = _STEP_NAME.match(c.name)
+        m = _STEP_NAME.match(name)
         if not m:
             continue
         if _is_committed_step(c):
             committed[int(m.group(1))] = c
-        elif (c / "_CHECKPOINT_METADATA").is_file() or _item_subfolder(side, c):
+        elif c.exists("_CHECKPOINT_METADATA") or _item_subfolder(side, c):
             unfinished.append(c)
     return committed, unfinished
 
 
-def locate_item_folder(path: os.PathLike | str, *, step: Optional[int] = None, side: str = "A") -> tuple[Path, Optional[Path]]:
-    """Resolve what a user pointed at to (item folder, step folder or None)."""
+def locate_item_folder(
+    path: os.PathLike | str | Storage, *, step: Optional[int] = None, side: str = "A", storage_options: Optional[Mapping[str, Any]] = None,
+) -> tuple[Storage, Optional[Storage]]:
+    """Resolve what a user pointed at to (item folder, step folder or None).
+
+    Local folders come back as `LocalStorage` (usable wherever a path is: `os.fspath`, `str`).
+    """
     try:
-        return _locate(Path(path).expanduser(), step, side)
+        where = path if isinstance(path, Storage) else open_storage(path, storage_options)
+        return _locate(where, step, side)
+    except StorageError as e:
+        raise _usage(side, path, str(e)) from None
     except PermissionError as e:  # Path.exists() and friends raise it on an unreadable parent
         where = e.filename or path
         raise _usage(side, path, f"permission denied reading '{where}'; make the checkpoint and its parent folders readable for this user.") from None
 
 
-def _locate(p: Path, step: Optional[int], side: str) -> tuple[Path, Optional[Path]]:
-    if not p.exists():
+def _locate(p: Storage, step: Optional[int], side: str) -> tuple[Storage, Optional[Storage]]:
+    kind = p.kind()
+    if kind == "missing":
         raise _usage(side, p, f"checkpoint path '{p}' does not exist; pass {_EXPECTED}.")
-    if not os.access(p, os.R_OK):
-        raise _usage(side, p, f"permission denied reading '{p}'; make it readable for this user.")
-    if p.is_file():
+    if kind == "file":
         _refuse_if_code_file(side, p)
         raise _usage(side, p, f"'{p}' is a file, not a checkpoint folder; pass {_EXPECTED}.")
-    if not os.access(p, os.X_OK):
-        raise _usage(side, p, f"permission denied entering folder '{p}'; make it readable (read and execute) for this user.")
 
     if _TMP_MARK in p.name:
         raise _usage(side, p, f"'{p}' is an unfinished orbax checkpoint (a temporary folder still being written); wait for the save to finish or pick a committed step.")
 
-    if (p / "_METADATA").is_file():
-        step_dir = p.parent if (p.parent / "_CHECKPOINT_METADATA").is_file() else None
+    if p.exists("_METADATA"):
+        parent = p.parent
+        step_dir = parent if parent.exists("_CHECKPOINT_METADATA") else None
         if step is not None:
             raise _usage(side, p, f"step={step} was given but '{p}' is a single checkpoint, not a CheckpointManager root; drop the step or point at the root.")
-        marked = (p / "commit_success.txt").is_file() or (step_dir is not None and (step_dir / "commit_success.txt").is_file())
+        marked = p.exists("commit_success.txt") or (step_dir is not None and step_dir.exists("commit_success.txt"))
         if not marked:
             raise _usage(side, p, f"'{p}' is an unfinished orbax checkpoint (no commit_success.txt); wait for the save to finish or pick a committed step.")
         return p, step_dir
 
-    item = _item_subfolder(side, p) if (p / "_CHECKPOINT_METADATA").is_file() else None
+    item = _item_subfolder(side, p) if p.exists("_CHECKPOINT_METADATA") else None
     if item is not None:
         if step is not None:
             raise _usage(side, p, f"step={step} was given but '{p}' is a step folder; point at the CheckpointManager root to choose a step.")
-        if not (p / "commit_success.txt").is_file():
+        if not p.exists("commit_success.txt"):
             raise _usage(side, p, f"'{p}' is an unfinished orbax checkpoint (no commit_success.txt); wait for the save to finish or pick a committed step.")
         return item, p
 
@@ -193,23 +200,22 @@ def _locate(p: Path, step: Optional[int], side: str) -> tuple[Path, Optional[Pat
         raise _usage(side, p, f"'{p}' holds no committed step (only unfinished ones: {names}); wait for a save to finish.")
 
     children = _list_dir(side, p)
-    for c in children:
-        if c.is_file():
-            _refuse_if_code_file(side, c)
+    for name, is_folder in children:
+        if not is_folder:
+            _refuse_if_code_file(side, p.child(name))
     if not children:
         raise _usage(side, p, f"'{p}' is an empty folder; pass {_EXPECTED}.")
     raise _usage(side, p, f"'{p}' is not an orbax checkpoint (no _METADATA, step folders or items found); pass {_EXPECTED}.")
 
 
-def _step_number(step_dir: Optional[Path]) -> Optional[int]:
+def _step_number(step_dir: Optional[Storage]) -> Optional[int]:
     m = _STEP_NAME.match(step_dir.name) if step_dir is not None else None
     return int(m.group(1)) if m else None
 
 
-def _uncommitted_newer(side: str, requested: Path, step: Optional[int]) -> tuple[int, ...]:
+def _uncommitted_newer(side: str, root: Storage, step: Optional[int]) -> tuple[int, ...]:
     """Steps of a manager root newer than the opened one that are not committed (yet)."""
-    root = requested.expanduser()
-    if step is None or not root.is_dir() or (root / "_METADATA").is_file() or (root / "_CHECKPOINT_METADATA").is_file():
+    if step is None or root.kind() != "folder" or root.exists("_METADATA") or root.exists("_CHECKPOINT_METADATA"):
         return ()
     _, unfinished = _steps(side, root)
     newer = set()
@@ -225,16 +231,21 @@ def _uncommitted_newer(side: str, requested: Path, step: Optional[int]) -> tuple
 # --------------------------------------------------------------------------------------
 
 
-def _read_json(side: str, f: Path, what: str) -> Any:
+def _read_json(side: str, folder: Storage, key: str, what: str) -> Any:
+    """The JSON file `key` of `folder`, or None when it does not exist."""
+    f = folder.child(key)
     try:
-        return json.loads(f.read_text())
+        data = folder.read(key)
+        return None if data is None else json.loads(data)
+    except StorageError as e:
+        raise _usage(side, f, str(e)) from None
     except PermissionError:
         raise _usage(side, f, f"permission denied reading '{f}'; make it readable for this user.") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise _usage(side, f, f"'{f}' is not valid {what} ({type(e).__name__}); the checkpoint is damaged: re-save it or pick another step.") from None
 
 
-def _parse_tree_metadata(side: str, meta_file: Path, meta: Any) -> list[tuple[KeyPath, str]]:
+def _parse_tree_metadata(side: str, meta_file: Storage, meta: Any) -> list[tuple[KeyPath, str]]:
     """(path, value_type) for every stored leaf, from orbax's `_METADATA`."""
     try:
         tree = meta["tree_metadata"]
@@ -250,6 +261,16 @@ def _parse_tree_metadata(side: str, meta_file: Path, meta: Any) -> list[tuple[Ke
         raise _usage(side, meta_file, f"'{meta_file}' is not orbax tree metadata this tool understands (no tree_metadata entries); re-save the checkpoint with orbax-checkpoint >= 0.5.") from None
 
 
+def _open_failure(err: BaseException, param: str, item: Storage) -> str:
+    """Why an array listed in _METADATA could not be opened: missing data, or the store itself."""
+    text = str(err)
+    if any(s in text for s in ("CURL error", "retry attempts failed", "PERMISSION_DENIED", "UNAUTHENTICATED", "NoSuchBucket")):
+        return f"array '{param}' in '{item}': {explain(err, str(item))}"
+    missing = "NOT_FOUND" in text or "does not exist" in text
+    what = "has no data" if missing else f"cannot be opened ({_short(err)})"
+    return f"array '{param}' listed in '{item.child('_METADATA')}' {what}; the checkpoint is incomplete or damaged: re-save it or pick another step."
+
+
 def _short(err: BaseException) -> str:
     text = str(err).split("[tensorstore_spec", 1)[0].strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
@@ -258,23 +279,31 @@ def _short(err: BaseException) -> str:
 class OrbaxCheckpoint(Checkpoint):
     """An orbax item folder, read through tensorstore only."""
 
-    def __init__(self, path: os.PathLike | str, *, step: Optional[int] = None, name: str = "A") -> None:
+    def __init__(
+        self, path: os.PathLike | str, *, step: Optional[int] = None, name: str = "A", storage_options: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         self.name = name
-        self.requested = Path(path)
-        self.item_dir, self.step_dir = locate_item_folder(path, step=step, side=name)
+        try:
+            self.requested = open_storage(path, storage_options)
+        except StorageError as e:
+            raise _usage(name, path, str(e)) from None
+        self.item_dir, self.step_dir = locate_item_folder(self.requested, step=step, side=name)
         self.location = str(self.item_dir)
         self.step = _step_number(self.step_dir)
-        self.uncommitted_newer = _uncommitted_newer(name, self.requested, self.step)
-        meta_file = self.item_dir / "_METADATA"
-        meta = _read_json(name, meta_file, "orbax metadata (_METADATA)")
+        try:
+            self.uncommitted_newer = _uncommitted_newer(name, self.requested, self.step)
+        except StorageError as e:
+            raise _usage(name, self.requested, str(e)) from None
+        meta_file = self.item_dir.child("_METADATA")
+        meta = _read_json(name, self.item_dir, "_METADATA", "orbax metadata (_METADATA)")
         if not isinstance(meta, dict):
             raise _usage(name, meta_file, f"'{meta_file}' is not orbax tree metadata; the checkpoint is damaged: re-save it or pick another step.")
         self._entries = _parse_tree_metadata(name, meta_file, meta)
         self.use_ocdbt = bool(meta.get("use_ocdbt", True))
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
         custom: dict[str, Any] = {}
-        if self.step_dir is not None and (self.step_dir / "_CHECKPOINT_METADATA").is_file():
-            step_meta = _read_json(name, self.step_dir / "_CHECKPOINT_METADATA", "orbax step metadata")
+        if self.step_dir is not None:
+            step_meta = _read_json(name, self.step_dir, "_CHECKPOINT_METADATA", "orbax step metadata")
             custom.update((step_meta or {}).get("custom_metadata") or {})
         custom.update(meta.get("custom_metadata") or {})
         self.custom_metadata = custom
@@ -285,28 +314,29 @@ class OrbaxCheckpoint(Checkpoint):
 
     # -- metadata ----------------------------------------------------------------------
     def _spec(self, param: str) -> dict[str, Any]:
-        base = os.path.abspath(self.item_dir)
         if self.use_ocdbt:
-            kv: dict[str, Any] = {"driver": "ocdbt", "base": f"file://{base}", "path": param}
+            kv: dict[str, Any] = {"driver": "ocdbt", "base": self.item_dir.kvstore_spec(), "path": param}
         else:
-            kv = {"driver": "file", "path": os.path.join(base, param)}
+            kv = self.item_dir.kvstore_spec(param)
         return {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kv, "recheck_cached_data": False, "recheck_cached_metadata": False}
 
     def _key_notes(self) -> dict[str, str]:
         """PRNG key impls recorded by orbax in array_metadatas (typed keys are saved as key data)."""
         notes: dict[str, str] = {}
-        folder = self.item_dir / "array_metadatas"
-        if not folder.is_dir():
-            return notes
-        for f in folder.iterdir():
+        folder = self.item_dir.child("array_metadatas")
+        try:
+            names = [n for n, is_folder in folder.list() if not is_folder]  # a missing folder lists nothing (remote) or raises (local)
+        except StorageError:
+            return notes  # optional metadata: an unreadable folder only loses the notes
+        for n in names:
             try:
-                data = json.loads(f.read_text())
+                data = json.loads(folder.read(n) or b"{}")
                 for entry in data.get("array_metadatas", []):
                     am = entry.get("array_metadata", {})
                     impl = (am.get("ext_metadata") or {}).get("random_key_impl")
                     if impl:
                         notes[am.get("param_name", "")] = f"PRNG key data ({impl})"
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError, StorageError):
                 continue  # optional metadata: a damaged file only loses the note
         return notes
 
@@ -315,7 +345,7 @@ class OrbaxCheckpoint(Checkpoint):
             return self._infos
         import tensorstore as ts
 
-        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        self._context = ts.Context({**self.item_dir.context_spec(), "cache_pool": {"total_bytes_limit": 0}})
         key_notes = self._key_notes()
         opening = []
         infos: dict[KeyPath, ArrayInfo] = {}
@@ -328,11 +358,11 @@ class OrbaxCheckpoint(Checkpoint):
             opening.append((keys, param, fut))
         for keys, param, fut in opening:
             try:
-                arr = fut.result()
+                arr = fut.result(timeout=self.item_dir.timeout)
+            except TimeoutError:
+                raise _usage(self.name, self.item_dir, f"array '{param}' in '{self.item_dir}' did not open within {self.item_dir.timeout:g} s; check the endpoint and the network (storage option timeout=SECONDS).") from None
             except Exception as e:  # tensorstore raises ValueError with a status text
-                missing = "NOT_FOUND" in str(e) or "does not exist" in str(e)
-                what = "has no data" if missing else f"cannot be opened ({_short(e)})"
-                raise _usage(self.name, self.item_dir, f"array '{param}' listed in '{self.item_dir / '_METADATA'}' {what}; the checkpoint is incomplete or damaged: re-save it or pick another step.") from None
+                raise _usage(self.name, self.item_dir, _open_failure(e, param, self.item_dir)) from None
             self._arrays[keys] = arr
             chunk = arr.chunk_layout.read_chunk.shape
             infos[keys] = ArrayInfo(
@@ -347,8 +377,7 @@ class OrbaxCheckpoint(Checkpoint):
     # -- data --------------------------------------------------------------------------
     def _string(self, keys: KeyPath) -> str:
         if self._strings is None:
-            f = self.item_dir / "_strings.json"
-            self._strings = _read_json(self.name, f, "orbax string storage (_strings.json)") if f.is_file() else {}
+            self._strings = _read_json(self.name, self.item_dir, "_strings.json", "orbax string storage (_strings.json)") or {}
         name = ".".join(keys)
         if name not in self._strings:
             raise _usage(self.name, self.item_dir, f"string leaf '{name}' listed in _METADATA is missing from _strings.json; the checkpoint is damaged.")
@@ -501,7 +530,7 @@ def open_checkpoint(
     if isinstance(obj, Checkpoint):
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        return OrbaxCheckpoint(obj, step=step, name=name)
+        return OrbaxCheckpoint(obj, step=step, name=name, storage_options=storage_options)
     if isinstance(obj, bytes):
         raise CkptParityUsageError(f"{name}: raw bytes are not a checkpoint (nothing serialized is ever deserialized); pass a path or an in-memory tree.")
     return InMemoryCheckpoint(obj, name=name)
