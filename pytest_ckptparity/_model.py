@@ -187,6 +187,7 @@ class ParityReport:
             "layouts": list(self.layouts),
             "notes": list(self.notes),
             "passed": self.passed,
+            "values_compared": self.values_compared,
             "totals": self.totals(),
             "leaves": [r.to_dict() for r in self.results],
         })

@@ -280,8 +280,34 @@ def run_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
         "headroom_leaf": room["path"] if room else None,
         "headroom_index": (room.get("stats") or {}).get("headroom_index") if room else None,
         "headroom_test": room_test if room else None,
+        "values_compared": any(r.get("values_compared", True) for r in records),
         "passed": all(r.get("passed") for r in counted),
     }
+
+
+def summary_lines(totals: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The terminal summary of a pytest run: (line, whether it reports a failure)."""
+    t = totals
+    parts = [f"{t['comparisons_passed']} passed", f"{t['comparisons_failed']} failed"]
+    if t.get("comparisons_expected_to_fail"):
+        parts.append(f"{t['comparisons_expected_to_fail']} failed as their tests expected")
+    labels = {"match": "match", "values": "values differ", "shape": "shapes differ", "dtype": "dtypes differ"}
+    outcomes = ", ".join(f"{n} {labels.get(kind, kind)}" for kind, n in sorted(t["leaves_by_outcome"].items(), key=lambda kv: (kv[0] != "match", kv[0])))
+    lines = [
+        (f"comparisons: {t['comparisons']} ({', '.join(parts)})", False),
+        (f"leaves: {t['leaves_compared']} compared" + (f" ({outcomes})" if outcomes else ""), False),
+        (f"bytes read: {t['bytes_read']:,}  wall time in comparisons: {t['wall_time_s']:.3f} s", False),
+    ]
+    if t["worst_leaf"]:
+        lines.append((f"worst leaf: {t['worst_leaf']} ({t['worst_kind']}) in {t['worst_test'] or 'a comparison outside tests'}", True))
+    if t["headroom_leaf"]:
+        index = t.get("headroom_index")
+        where = f" index {tuple(index)}" if index else ""
+        test = f" in {t['headroom_test']}" if t.get("headroom_test") else ""
+        lines.append((f"headroom: {_num(float(t['headroom']))} of the allowance at {t['headroom_leaf']}{where}{test} (closest to tolerance among matching leaves)", False))
+    elif t.get("values_compared") and t["leaves_by_outcome"].get("match"):
+        lines.append(("headroom: 0 (every value of the matching leaves is identical)", False))
+    return lines
 
 
 def json_document(records: list[dict[str, Any]], *, tool: str) -> dict[str, Any]:
@@ -302,5 +328,5 @@ def json_document(records: list[dict[str, Any]], *, tool: str) -> dict[str, Any]
 
 __all__ = (
     "render", "render_plain", "render_rich", "summary_line", "describe_mismatch", "located_path", "kind_text",
-    "headroom_text", "DEFAULT_MAX_ROWS", "JSON_SCHEMA", "comparison_record", "run_totals", "json_document",
+    "headroom_text", "DEFAULT_MAX_ROWS", "JSON_SCHEMA", "comparison_record", "run_totals", "json_document", "summary_lines",
 )

@@ -24,7 +24,8 @@ def test_generated_items_pass_in_an_empty_folder(pytester, samples, xdist):
     result = run(pytester, f"--ckpt-a={samples['maxtext_decode_scan']}", f"--ckpt-b={samples['maxtext_decode_unroll']}", "-rA", *xdist)
     assert result.ret == 0
     result.stdout.fnmatch_lines_random([
-        "*= checkpoint parity =*", "leaves compared: 12  mismatched: 0  comparisons: 11",
+        "*= checkpoint parity =*", "comparisons: 11 (11 passed, 0 failed)", "leaves: 12 compared (12 match)",
+        "headroom: 0 (every value of the matching leaves is identical)",
         "PASSED ckpt-parity::params/decoder", "PASSED ckpt-parity::params/decoder/layers/mlp/wi_0/kernel",
         "PASSED ckpt-parity::params/decoder/layers/self_attention/out/kernel",
         "PASSED ckpt-parity::params/token_embedder", "*11 passed*",
@@ -40,8 +41,8 @@ def test_a_drifted_layer_fails_its_own_item_with_the_report(pytester, demo_ckpts
     result.stdout.fnmatch_lines_random([
         "*checkpoint parity failed: 1 of 9 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (values)*",
         "*worst at [[]layer 1[]] index (3, 5): A=-0.30144 B=0.19856*",
-        "leaves compared: 39  mismatched: 2  comparisons: 13",
-        "worst leaf: params/decoder/layers/mlp/wi_0/kernel (values)",
+        "comparisons: 13 (11 passed, 2 failed)", "leaves: 39 compared (37 match, 2 values differ)",
+        "worst leaf: params/decoder/layers/mlp/wi_0/kernel (values) in ckpt-parity::params/decoder/layers[[]1[]]",
         "FAILED ckpt-parity::opt_state/0/mu/decoder/layers[[]1[]]*",
         "FAILED ckpt-parity::params/decoder/layers[[]1[]]*",
         "*2 failed, 11 passed*",
@@ -151,8 +152,14 @@ def test_fixtures_markers_and_ini(pytester, demo_ckpts, xdist):
         "FAILED test_user.py::test_matrix[[]linen-vs-drift[]] - pytest_ckptparity.Ckpt*",
         "FAILED test_user.py::test_matrix[[]nnx-vs-drift[]]*",
         "FAILED test_user.py::test_failure_shows_report - pytest_ckptparity.Ckpt*",
-        "E * checkpoint parity failed: 1 of 12 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (values)",
+        # A failure in the user's own test reads like a generated item's: their line, then the report.
+        "test_user.py:19: in test_failure_shows_report",
+        "    ckpt_parity(ckpt(\"linen\"), ckpt(\"drift\"), include=\"params\")",
+        "checkpoint parity failed: 1 of 12 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (values)",
         "*worst at [[]layer 1[]] index (3, 5): linen=-0.30144 drift=0.19856*",
+        # The comparison test_marker_scopes expected to fail is not a mismatch of the run.
+        "comparisons: 7 (3 passed, 3 failed, 1 failed as their tests expected)",
+        "worst leaf: params/decoder/layers/mlp/wi_0/kernel (values) in test_user.py::test_*",
     ])
     # The traceback ends at the user's call, not inside the plugin or the library.
     out = result.stdout.str()
@@ -164,15 +171,28 @@ def test_json_report_and_junit_properties(pytester, demo_ckpts, tmp_path):
     result = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", f"--ckpt-report={report}", f"--junitxml={junit}", "-n", "2")
     assert result.ret == 1
     data = json.loads(report.read_text())
+    assert data["schema"] == 1 and data["tool"] == "pytest"
     assert data["totals"]["leaves_compared"] == 39 and data["totals"]["leaves_mismatched"] == 2
-    keys = [(l["path"], tuple(l["layer_range"] or ())) for l in data["leaves"]]
+    assert data["totals"]["comparisons"] == 34 and data["totals"]["comparisons_failed"] == 2
+    comparisons = data["comparisons"]
+    assert all(c["test"].startswith("ckpt-parity::") and c["names"] == ["A", "B"] and c["steps"] == [7, 7] for c in comparisons)
+    assert all(c["locations"][0].endswith("linen/checkpoints/7/items") for c in comparisons)
+    leaves = [l for c in comparisons for l in c["leaves"]]
+    keys = [(l["path"], tuple(l["layer_range"] or ())) for l in leaves]
     assert len(keys) == len(set(keys)) == 39  # each leaf once: Linen's stacks span both layers in one chunk
     assert ("params/decoder/layers/mlp/wi_0/kernel", (0, 2)) in keys
-    bad = [l for l in data["leaves"] if not l["ok"]]
+    bad = [l for l in leaves if not l["ok"]]
     assert {l["path"] for l in bad} == {"params/decoder/layers/mlp/wi_0/kernel", "opt_state/0/mu/decoder/layers/mlp/wi_0/kernel"}
-    assert bad[0]["stats"]["worst_index"] == [1, 3, 5]
-    props = {p.get("name") for p in ET.parse(junit).iter("property")}
-    assert {"ckpt_leaves", "ckpt_mismatched", "ckpt_bytes_read", "ckpt_max_abs_diff"} <= props
+    assert bad[0]["stats"]["worst_index"] == [1, 3, 5] and bad[0]["stats"]["headroom"] > 1
+    failing = [c for c in comparisons if not c["passed"]]
+    assert len(failing) == 2 and all(c["totals"]["headroom"] > 1 for c in failing)
+    # Properties on every generated item, pass or fail.
+    cases = list(ET.parse(junit).iter("testcase"))
+    assert len(cases) == 34
+    for case in cases:
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        assert {"ckpt_passed", "ckpt_leaves", "ckpt_mismatched", "ckpt_bytes_read", "ckpt_max_abs_diff", "ckpt_headroom", "ckpt_headroom_leaf"} <= set(props)
+        assert (float(props["ckpt_headroom"]) > 1) == (case.find("failure") is not None)
 
 
 def test_xdist_workers_together_read_each_array_once(pytester, demo_ckpts, tmp_path):
