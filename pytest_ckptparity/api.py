@@ -232,21 +232,37 @@ class Comparison:
                 notes.append(f"exclude glob {pattern!r} matched nothing (top-level groups: {groups})")
         return notes
 
-    def run(self, selection: Optional[Iterable[Selection]] = None) -> ParityReport:
+    def run(self, selection: Optional[Iterable[Selection]] = None, *, notify: bool = True) -> ParityReport:
+        """Compare everything in scope, or only `selection` (parts from `split`)."""
         va, vb = self.views
         report = diff_views(va, vb, self.options, selection)
         report.locations = (va.checkpoint.location, vb.checkpoint.location)
         report.steps = (va.checkpoint.step, vb.checkpoint.step)
         report.notes = [*self.notes, *report.notes]
         report.rngs_ignored = self.ignore_rngs and any(p == "rngs" or p.startswith("rngs/") for v in self.views for p in v.ignored)
+        if notify:
+            self.notify(report)
+        return report
+
+    def notify(self, report: ParityReport) -> None:
+        """Tell the observers (the pytest plugin's run statistics) about a finished report."""
         for fn in list(_listeners):
             fn(report)
-        return report
+
+    def ignored_count(self) -> int:
+        return scoped_paths(self.views[0], self.views[1], self.options)[1]
 
     def bytes_to_read(self) -> int:
         """Decoded bytes a whole comparison reads (both sides), from metadata: for progress."""
+        return self.bytes_to_read_of(None)
+
+    def bytes_to_read_of(self, selection: Optional[Iterable[Selection]]) -> int:
+        """Decoded bytes the comparison of `selection` (None: everything) reads, both sides."""
         va, vb = self.views
-        paths, _ = scoped_paths(va, vb, self.options)
+        if selection is None:
+            paths, _ = scoped_paths(va, vb, self.options)
+        else:
+            paths = [p for sel in selection for p in sel.paths]
         total = 0
         for p in paths:
             la, lb = va.leaves.get(p), vb.leaves.get(p)
