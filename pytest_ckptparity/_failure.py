@@ -17,7 +17,7 @@ from _pytest._code.code import ReprFileLocation, TerminalRepr
 
 def _short_traceback(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseException]) -> tuple[list[str], tuple[str, int]]:
     """`path:line: in function` and the statement, for each frame the user wrote; frames
-    marked `__tracebackhide__` (the plugin's and the helper's) are left out."""
+    marked `__tracebackhide__` and those inside this package are left out."""
     try:
         tb = item._traceback_filter(excinfo) if hasattr(item, "_traceback_filter") else excinfo.traceback.filter(excinfo)  # noqa: SLF001
     except Exception:  # noqa: BLE001 - a display detail must never hide the failure
@@ -25,8 +25,11 @@ def _short_traceback(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseExcept
     lines: list[str] = []
     where = (str(getattr(item, "path", "")), 0)
     base = str(item.config.invocation_params.dir)
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     for entry in tb:
         path = str(entry.path)
+        if os.path.abspath(path).startswith(package):  # our own frames: the message says it all
+            continue
         try:
             shown = os.path.relpath(path, base) if os.path.isabs(path) else path
         except ValueError:  # another drive
@@ -46,18 +49,22 @@ def failure_payload(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseExcepti
     from pytest_ckptparity._items import CkptParityItem
     from pytest_ckptparity.report import render_plain, render_rich, summary_line
 
-    report = excinfo.value.report  # type: ignore[attr-defined]
-    rows = api.default_max_rows
     if isinstance(item, CkptParityItem):
         location, (path, lineno) = [], (item.nodeid, 0)
     else:
         location, (path, lineno) = _short_traceback(item, excinfo)
     kind = type(excinfo.value)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    report = getattr(excinfo.value, "report", None)
+    if report is None:  # a usage error: its one sentence, no frames from inside the library
+        text = f"E   {name}: {excinfo.value}"
+        return {"location": location, "plain": text, "rich": text, "crash": [path, lineno, f"{name}: {excinfo.value}"]}
+    rows = api.default_max_rows
     return {
         "location": location,
         "plain": render_plain(report, rows),
         "rich": render_rich(report, rows, color=True),
-        "crash": [path, lineno, f"{kind.__module__}.{kind.__qualname__}: {summary_line(report)}"],
+        "crash": [path, lineno, f"{name}: {summary_line(report)}"],
     }
 
 

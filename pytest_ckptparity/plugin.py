@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -49,8 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt-format-b", dest="ckpt_format_b", metavar="LAYOUT", help="force B's layout instead of detecting it.")
     g.addoption("--ckpt-compare-rngs", dest="ckpt_compare_rngs", action="store_true", help="also compare NNX RNG state (ignored by default).")
     g.addoption("--ckpt-read-budget", dest="ckpt_read_budget", metavar="MIB", help="decoded array data held at once per comparison, in MiB (default: 256; a larger stored chunk is still read whole).")
-    parser.addini("ckpt_atol", "absolute tolerance for checkpoint parity (command line --atol wins).", default="")
-    parser.addini("ckpt_rtol", "relative tolerance for checkpoint parity (command line --rtol wins).", default="")
+    parser.addini("ckpt_atol", "absolute tolerance for checkpoint parity (--ckpt-atol or --atol wins).", default="")
+    parser.addini("ckpt_rtol", "relative tolerance for checkpoint parity (--ckpt-rtol or --rtol wins).", default="")
     parser.addini("ckpt_tolerances", "per-path tolerances, one 'glob atol rtol' per line.", type="linelist", default=[])
     parser.addini("ckpt_read_budget", "decoded array data held at once per comparison, in MiB (--ckpt-read-budget wins).", default="")
     parser.addini("ckpt_paths", "named checkpoints, one 'name = path' per line.", type="linelist", default=[])
@@ -166,6 +166,21 @@ def pytest_report_header(config: pytest.Config) -> Optional[str]:
     return f"ckptparity: {settings.ckpt_a} vs {settings.ckpt_b}, generated items off ({why})"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Open and check the --ckpt-a/--ckpt-b pair before any test runs (on the xdist
+    controller too, which collects nothing itself): a bad path or a scope that matches
+    nothing stops the run with one sentence (exit 4)."""
+    config = session.config
+    if _is_worker(config) or not generates_items(config):
+        return
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    try:
+        _comparison(config, config.stash[settings_key])
+    except CkptParityUsageError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     settings = config.stash[settings_key]
@@ -189,7 +204,12 @@ def _comparison(config: pytest.Config, settings: Settings) -> Any:
         options = make_options(**{k: kw.pop(k) for k in OPTION_NAMES if k in kw})
         a = open_cached(config, settings.ckpt_a, "A", settings.step_a)
         b = open_cached(config, settings.ckpt_b, "B", settings.step_b)
-        config.stash[comparison_key] = Comparison(a, b, options=options, **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs")})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config.stash[comparison_key] = Comparison(a, b, options=options, **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs")})
+        if not _is_worker(config):  # once per run, in the warnings summary (workers stay quiet)
+            for w in caught:
+                config.issue_config_time_warning(w.message, stacklevel=2)
     return config.stash[comparison_key]
 
 
@@ -361,9 +381,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         stats.settle(item.nodeid, rep.passed or hasattr(rep, "wasxfail"))
     excinfo = call.excinfo
     if rep.failed and excinfo is not None and not hasattr(rep, "wasxfail"):
-        from pytest_ckptparity.errors import CkptParityError
+        from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
 
-        if isinstance(excinfo.value, CkptParityError) and getattr(excinfo.value, "report", None) is not None:
+        verdict = isinstance(excinfo.value, CkptParityError) and getattr(excinfo.value, "report", None) is not None
+        if verdict or isinstance(excinfo.value, CkptParityUsageError):
             from pytest_ckptparity._failure import failure_payload, failure_repr
 
             payload = failure_payload(item, excinfo)
