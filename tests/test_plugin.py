@@ -404,3 +404,20 @@ def test_more_bad_options_are_one_line_usage_errors(pytester, args, message, xdi
     result = run(pytester, *args, *xdist)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert result.stderr.str().strip() == message
+
+
+def test_urls_and_storage_options_reach_the_reader_as_written(pytester):
+    # Stand in for the object-store reader: say what it was given, then stop the run.
+    pytester.makeconftest("""
+        import pytest_ckptparity.sources as sources
+        from pytest_ckptparity import CkptParityUsageError
+
+        def fake_open(obj, **kw):
+            raise CkptParityUsageError(f"opened {obj!r} with {sorted(kw.items())!r}")
+
+        sources.open_checkpoint = fake_open
+    """)
+    result = run(pytester, "--ckpt-a=gs://bucket/run/checkpoints", "--ckpt-b=s3://other/ckpt", "--ckpt-step-a=3",
+                 "--ckpt-storage-option", "endpoint=http://127.0.0.1:9", "--ckpt-storage-option", "region=eu")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: opened 'gs://bucket/run/checkpoints' with [[]('name', 'A'), ('step', 3), ('storage_options', {'endpoint': 'http://127.0.0.1:9', 'region': 'eu'})[]]"])
