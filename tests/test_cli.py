@@ -30,6 +30,14 @@ def two_steps(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def sixty_differ(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Two bare orbax folders of 60 small leaves, every one of which differs."""
+    root = tmp_path_factory.mktemp("sixty")
+    tree = {f"l{i:02d}": np.zeros(2, np.float32) for i in range(60)}
+    return ex.save(root / "a", tree), ex.save(root / "b", {k: v + 1 for k, v in tree.items()})
+
+
 def test_version_alias_and_python_m(samples):
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"ckptparity {__version__}"
@@ -42,22 +50,25 @@ def test_version_alias_and_python_m(samples):
     assert f"A: parameter-only decode checkpoint, scanned on axis 1, at {samples['maxtext_decode_scan']}/0/items (step 0)" in plain.stdout
 
 
-def test_rows_follow_verbosity_and_max_rows_is_checked(samples, capsys):
-    pair = [samples["maxtext_nnx_scan"], samples["maxtext_decode_scan"], "--color", "no"]  # 39 leaves differ
+def test_rows_follow_verbosity_and_max_rows_is_checked(sixty_differ, capsys):
+    pair = [*sixty_differ, "--color", "no"]
 
     def rows(out: str) -> int:
         return sum(1 for line in out.splitlines() if line.startswith("  ") and not line.startswith("  ..."))
 
     assert main(pair) == 1
     out = capsys.readouterr().out
-    assert rows(out) == 20 and "... and 19 more (use -vv or --max-rows 0 to see all)" in out
+    assert rows(out) == 20 and "... and 40 more (use -vv or --max-rows 0 to see all)" in out
     assert main([*pair, "-v"]) == 1
     out = capsys.readouterr().out
-    assert rows(out) == 39 and "more (use" not in out and "[only in A]" in out
+    assert rows(out) == 50 and "... and 10 more (use -vv or --max-rows 0 to see all)" in out
+    assert main([*pair, "-vv"]) == 1
+    out = capsys.readouterr().out
+    assert rows(out) == 60 and "more (use" not in out
     assert main([*pair, "--max-rows", "5"]) == 1
-    assert "... and 34 more" in capsys.readouterr().out
+    assert "... and 55 more" in capsys.readouterr().out
     assert main([*pair, "--max-rows", "0"]) == 1
-    assert rows(capsys.readouterr().out) == 39
+    assert rows(capsys.readouterr().out) == 60
     assert main([*pair, "--max-rows", "-1"]) == 2
     assert "argument --max-rows: must be a non-negative integer, got '-1'" in capsys.readouterr().err
 
@@ -129,7 +140,7 @@ def test_bad_storage_options(samples, capsys):
 
 def test_a_closed_stdout_pipe_ends_quietly(samples):
     """`ckptparity A B | head -0`: the reader is gone before the report is printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "pytest_ckptparity", samples["maxtext_nnx_scan"], samples["maxtext_decode_scan"], "-vv"],
+    proc = subprocess.Popen([sys.executable, "-m", "pytest_ckptparity", samples["maxtext_nnx_scan"], samples["maxtext_nnx_noscan"], "--atol", "0", "--rtol", "0", "-vv"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     err = proc.stderr.read().decode()
