@@ -248,8 +248,8 @@ def two_steps(tmp_path_factory: pytest.TempPathFactory) -> str:
     from pytest_ckptparity import examples as ex
 
     root = tmp_path_factory.mktemp("steps") / "run"
-    ex.save(root, {"w": np.full(3, 1.0, np.float32), "n": np.arange(3)}, step=1)
-    ex.save(root, {"w": np.full(3, 2.0, np.float32), "n": np.arange(3)}, step=5)
+    ex.save(root, {"params": {"w": np.full(3, 1.0, np.float32), "n": np.arange(3)}}, step=1)
+    ex.save(root, {"params": {"w": np.full(3, 2.0, np.float32), "n": np.arange(3)}}, step=5)
     (root / "9.orbax-checkpoint-tmp-123").mkdir()
     return str(root)
 
@@ -388,7 +388,7 @@ def test_atol_and_ckpt_atol_both_work(pytester, samples):
 def test_steps_per_side_and_an_uncommitted_newer_step(pytester, two_steps, xdist):
     result = run(pytester, f"--ckpt-a={two_steps}", f"--ckpt-b={two_steps}", "--ckpt-step-a=1", "--ckpt-step-b=5", "--ckpt-split=leaf", *xdist)
     assert result.ret == 1
-    result.stdout.fnmatch_lines_random(["A: generic tree (compared as it is), at */run/1/items (step 1)", "B: generic tree (compared as it is), at */run/5/items (step 5)", "*1 failed, 1 passed*"])
+    result.stdout.fnmatch_lines_random(["A: *, at */run/1/items (step 1)", "B: *, at */run/5/items (step 5)", "*1 failed, 1 passed*"])
     latest = run(pytester, f"--ckpt-a={two_steps}", f"--ckpt-b={two_steps}", "-W", "always", *xdist)
     assert latest.ret == 0
     latest.stdout.fnmatch_lines(["*CkptParityWarning: A: compared step 5 of */run, its latest committed step; newer step 9 is not committed*"])

@@ -69,17 +69,18 @@ def test_rng_sentence_only_when_rng_state_was_left_out(demo_ckpts):
 
 
 def test_one_sided_leaves_use_the_sides_names():
-    report = compare_checkpoints({"w": np.ones(2), "extra": np.ones(1)}, {"w": np.ones(2), "gone": np.ones(1)}, names=("new", "old"))
+    a = {"params": {"w": np.ones(2), "extra": np.ones(1)}}
+    report = compare_checkpoints(a, {"params": {"w": np.ones(2), "gone": np.ones(1)}}, names=("new", "old"))
     text = render_plain(report)
-    assert "extra  [only in new]" in text and "gone  [only in old]" in text
-    assert "extra (only in new), gone (only in old)" in summary_line(report)
+    assert "params/extra  [only in new]" in text and "params/gone  [only in old]" in text
+    assert "params/extra (only in new), params/gone (only in old)" in summary_line(report)
     assert "[only in A]" not in text and "[only in B]" not in text
 
 
 def test_report_repr_is_one_short_line(demo_ckpts):
-    many = {f"l{i:02d}": np.zeros(4, np.float32) for i in range(60)}
-    failing = compare_checkpoints(many, {k: v + 1 for k, v in many.items()})
-    assert repr(failing) == "<ParityReport failed: 60 of 60 leaves differ (A vs B), worst l00>"
+    many = {"params": {f"l{i:02d}": np.zeros(4, np.float32) for i in range(60)}}
+    failing = compare_checkpoints(many, {"params": {k: v + 1 for k, v in many["params"].items()}})
+    assert repr(failing) == "<ParityReport failed: 60 of 60 leaves differ (A vs B), worst params/l00>"
     assert repr(compare_checkpoints(many, many)) == "<ParityReport passed: 60 leaves match (A vs B), headroom 0>"
 
 
@@ -88,10 +89,10 @@ def test_headroom_is_the_largest_share_of_the_allowance_used():
     # Within atol everywhere (the kernel's fast path): 0.25 and 0.5 of atol.
     a = b + np.float32(0.25e-3)
     a[3] = np.float32(0.5e-3)
-    report = compare_checkpoints({"w": a}, {"w": b}, atol=1e-3, rtol=0)
+    report = compare_checkpoints({"params": {"w": a}}, {"params": {"w": b}}, atol=1e-3, rtol=0)
     s = report.results[0].stats
     assert s.headroom == pytest.approx(0.5, rel=1e-5) and s.headroom_index == (3,)
-    assert summary_line(report) == "checkpoint parity: 1 leaves match (A vs B); headroom 0.5 of the allowance at w index (3,)"
+    assert summary_line(report) == "checkpoint parity: 1 leaves match (A vs B); headroom 0.5 of the allowance at params/w index (3,)"
     # The largest |a - b| is not the largest share when |b| is large: rtol widens its allowance.
     b = np.zeros(8, np.float64)
     b[7] = 100.0
