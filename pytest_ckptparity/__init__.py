@@ -21,6 +21,7 @@ _EXPORTS = {
     "Checkpoint": "sources",
     "CkptParityError": "errors",
     "CkptParityUsageError": "errors",
+    "CkptParityWarning": "errors",
     "ParityReport": "_model",
     "LeafResult": "_model",
     "ValueStats": "_model",
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pytest_ckptparity._model import LeafResult, ParityReport, Tolerance, ValueStats
     from pytest_ckptparity.api import Comparison, assert_ckpt_parity, compare_checkpoints
     from pytest_ckptparity.diff import DEFAULT_TOLERANCES
-    from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
+    from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
     from pytest_ckptparity.normalize import Layout, TreeFacts, known_layouts, register_layout, unregister_layout
     from pytest_ckptparity.report import render
     from pytest_ckptparity.sources import Checkpoint, open_checkpoint

@@ -34,15 +34,18 @@ class CkptParityItem(pytest.Item):
     def runtest(self) -> None:
         report = self.comparison.run(self.selection)
         totals = report.totals()
-        worst = report.worst()
+        # The same properties on every item, pass or fail (JUnit XML; docs/pytest.md).
         self.user_properties.extend([
+            ("ckpt_passed", totals["passed"]),
             ("ckpt_leaves", totals["leaves_compared"]),
             ("ckpt_mismatched", totals["leaves_mismatched"]),
             ("ckpt_bytes_read", totals["bytes_read"]),
             ("ckpt_wall_time_s", totals["wall_time_s"]),
+            ("ckpt_max_abs_diff", max((r.stats.max_abs for r in report.results if r.stats is not None), default=0.0)),
+            ("ckpt_headroom", totals["headroom"]),
+            ("ckpt_headroom_leaf", totals["headroom_leaf"] or ""),
+            ("ckpt_worst_leaf", totals["worst_leaf"] or ""),
         ])
-        if worst is not None and worst.stats is not None:
-            self.user_properties.append(("ckpt_max_abs_diff", worst.stats.max_abs))
         if not report.passed:
             from pytest_ckptparity.report import render_plain
 

@@ -58,6 +58,7 @@ class ValueStats:
     n_total: int = 0
     n_mismatch: int = 0
     n_nonfinite: int = 0  # mismatches where one side is NaN/inf and the other is not
+    n_nan_pairs: int = 0  # mismatches that are NaN against NaN (equal_nan=False)
     max_abs: float = 0.0
     max_rel: float = 0.0
     worst_index: Optional[Index] = None
@@ -65,6 +66,11 @@ class ValueStats:
     worst_b: Any = None
     first_indices: tuple[Index, ...] = ()
     mismatched_layers: tuple[int, ...] = ()
+    # The largest |a - b| / (atol + rtol * |b|) over the elements (1.0: at the limit; above:
+    # a mismatch), and where it is. 0 when every element is identical; inf for an exact leaf
+    # that differs.
+    headroom: float = 0.0
+    headroom_index: Optional[Index] = None
 
 
 @dataclass(frozen=True)
@@ -94,17 +100,20 @@ class LeafResult:
         return _jsonable(d)
 
 
-@dataclass
+@dataclass(repr=False)
 class ParityReport:
     """Everything one comparison found. Truthy only on parity."""
 
     names: tuple[str, str] = ("A", "B")
     layouts: tuple[str, str] = ("", "")
+    locations: tuple[str, str] = ("", "")  # where each side was read: item folder, URL or "<in-memory dict>"
+    steps: tuple[Optional[int], Optional[int]] = (None, None)  # the step opened in a manager root
     results: list[LeafResult] = field(default_factory=list)
     ignored: int = 0  # canonical leaves left out by scope or rules (rngs by default)
     values_compared: bool = True
     wall_time: float = 0.0
     notes: list[str] = field(default_factory=list)  # header sentences: scope decisions, layout fallbacks
+    rngs_ignored: bool = False  # RNG state was left out (the default), so the header says so
 
     @property
     def mismatches(self) -> list[LeafResult]:
@@ -128,11 +137,34 @@ class ParityReport:
             return max(with_stats, key=lambda r: (r.stats.max_abs, r.stats.n_mismatch))
         return bad[0]
 
+    def headroom(self) -> tuple[float, Optional[LeafResult], Optional[Index]]:
+        """The largest |a - b| / (atol + rtol * |b|) of any compared element, its leaf and index.
+
+        Below 1.0 everything is within tolerance; how far below tells how much drift is left
+        before a comparison fails. (0.0, None, None) when nothing differs or no value was read.
+        """
+        best: tuple[float, Optional[LeafResult], Optional[Index]] = (0.0, None, None)
+        for r in self.results:
+            s = r.stats
+            if s is not None and s.headroom > best[0]:
+                best = (s.headroom, r, s.headroom_index)
+        return best
+
     def __bool__(self) -> bool:
         return self.passed
 
+    def __repr__(self) -> str:
+        na, nb = self.names
+        n = len(self.results)
+        if self.passed:
+            h, _, _ = self.headroom()
+            return f"<ParityReport passed: {n} leaves match ({na} vs {nb}), headroom {h:.3g}>"
+        worst = self.worst()
+        return f"<ParityReport failed: {len(self.mismatches)} of {n} leaves differ ({na} vs {nb}), worst {worst.path if worst else '-'}>"
+
     def totals(self) -> dict[str, Any]:
         worst = self.worst()
+        h, h_leaf, h_index = self.headroom()
         return {
             "leaves_compared": len(self.results),
             "leaves_mismatched": len(self.mismatches),
@@ -140,17 +172,26 @@ class ParityReport:
             "bytes_read": self.bytes_read,
             "wall_time_s": round(self.wall_time, 6),
             "worst_leaf": worst.path if worst else None,
+            "worst_kind": worst.kind if worst else None,
+            "headroom": h,
+            "headroom_leaf": h_leaf.path if h_leaf else None,
+            "headroom_index": list(h_index) if h_index is not None else None,
             "passed": self.passed,
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """One comparison in the JSON report's shape (see docs/json-schema.md)."""
+        return _jsonable({
             "names": list(self.names),
+            "locations": list(self.locations),
+            "steps": list(self.steps),
             "layouts": list(self.layouts),
             "notes": list(self.notes),
+            "passed": self.passed,
+            "values_compared": self.values_compared,
             "totals": self.totals(),
             "leaves": [r.to_dict() for r in self.results],
-        }
+        })
 
 
 def _jsonable(x: Any) -> Any:

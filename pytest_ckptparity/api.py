@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from pytest_ckptparity._model import ParityReport
+from pytest_ckptparity._paths import glob_match
 from pytest_ckptparity.diff import (
     DEFAULT_READ_BUDGET, DTYPE_POLICIES, CompareOptions, Selection, chunk_alignment, diff_views, scoped_paths,
 )
-from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
+from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
 from pytest_ckptparity.normalize import Layout, NormalizedView, normalize
 from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
 from pytest_ckptparity.sources import Checkpoint, open_checkpoint
@@ -123,6 +125,39 @@ def _scan_axes(scan_axis: Any) -> tuple[Optional[int], Optional[int]]:
     return pair  # type: ignore[return-value]
 
 
+def _check_step(name: str, value: Any) -> Optional[int]:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise CkptParityUsageError(f"{name} must be a non-negative integer, got {value!r}.")
+    return value
+
+
+def _is_url(x: Any) -> bool:
+    return isinstance(x, str) and "://" in x
+
+
+def _storage_options(value: Any, a: Any, b: Any) -> tuple[Optional[dict[str, str]], Optional[dict[str, str]]]:
+    """Storage options go to the sides that are object-store URLs."""
+    if not value:
+        return None, None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise CkptParityUsageError(f"storage_options must map option names to strings, got {value!r}.")
+    if not (_is_url(a) or _is_url(b)):
+        raise CkptParityUsageError("storage options apply to object-store URLs (gs://, s3://), but neither checkpoint is one; drop them or pass a URL.")
+    opts = dict(value)
+    return (opts if _is_url(a) else None), (opts if _is_url(b) else None)
+
+
+def parse_key_values(source: str, items: Iterable[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings (--storage-option, --ckpt-storage-option) as a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CkptParityUsageError(f"{source} {item!r} must read KEY=VALUE, e.g. {source} endpoint=http://127.0.0.1:9000.")
+        out[key.strip()] = value
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Comparison
 # --------------------------------------------------------------------------------------
@@ -133,20 +168,27 @@ class Comparison:
 
     def __init__(
         self, a: Any, b: Any, *, names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
+        step_a: Optional[int] = None, step_b: Optional[int] = None,
         format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
         rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
         scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, options: Optional[CompareOptions] = None,
+        storage_options: Optional[Mapping[str, str]] = None,
     ) -> None:
         if len(tuple(names)) != 2 or not all(isinstance(n, str) and n for n in names):
             raise CkptParityUsageError(f"names must be two non-empty strings, got {names!r}.")
         axes = _scan_axes(scan_axis)
-        if step is not None and (not isinstance(step, int) or step < 0):
-            raise CkptParityUsageError(f"step must be a non-negative integer, got {step!r}.")
+        _check_step("step", step)
+        step_a = _check_step("step_a", step_a if step_a is not None else step)
+        step_b = _check_step("step_b", step_b if step_b is not None else step)
         na, nb = names
         self.options = options or CompareOptions()
         rules = _rename_rules(rename)
         ignore_globs = _globs("ignore", ignore)
-        self.checkpoints = (open_checkpoint(a, step=step, name=na), open_checkpoint(b, step=step, name=nb))
+        so_a, so_b = _storage_options(storage_options, a, b)
+        self.checkpoints = (
+            open_checkpoint(a, step=step_a, name=na, **({"storage_options": so_a} if so_a else {})),
+            open_checkpoint(b, step=step_b, name=nb, **({"storage_options": so_b} if so_b else {})),
+        )
         kw = dict(rename=rules, ignore=ignore_globs, ignore_rngs=ignore_rngs)
         self.views: tuple[NormalizedView, NormalizedView] = (
             normalize(self.checkpoints[0], layout=format_a, scan_axis=axes[0], **kw),
@@ -156,12 +198,86 @@ class Comparison:
         for view, default, explicit in zip(self.views, ("A", "B"), (na, nb)):
             if explicit != default:
                 view.display_name = explicit
+        self.ignore_rngs = ignore_rngs
+        self.notes: list[str] = self._check_scope()
+        for ckpt, view, chosen in zip(self.checkpoints, self.views, (step_a, step_b)):
+            newer = tuple(getattr(ckpt, "uncommitted_newer", ()) or ())
+            if newer and chosen is None:  # a step asked for by number is what the user wants
+                root = getattr(ckpt, "requested", None) or ckpt.location
+                steps = ", ".join(str(s) for s in newer)
+                note = (f"{view.name}: compared step {ckpt.step} of {root}, its latest committed step; newer step "
+                        f"{steps} {'is' if len(newer) == 1 else 'are'} not committed (still being written, or abandoned)")
+                self.notes.append(note)
+                warnings.warn(CkptParityWarning(note), stacklevel=2)
 
-    def run(self, selection: Optional[Iterable[Selection]] = None) -> ParityReport:
-        report = diff_views(self.views[0], self.views[1], self.options, selection)
+    def _check_scope(self) -> list[str]:
+        """No typo goes green: every include glob must match a leaf, and the scope must leave
+        something to compare. Returns header notes (exclude globs that matched nothing)."""
+        va, vb = self.views
+        left_out = set(va.ignored) | set(vb.ignored)
+        union = sorted((set(va.leaves) | set(vb.leaves)) - left_out)
+        groups = ", ".join(sorted({p.split("/")[0] for p in union})) or "none"
+        where = f"{va.name} or {vb.name}"
+        opts = self.options
+        for pattern in opts.include:
+            if not any(glob_match(p, pattern) for p in union):
+                why = ""
+                if any(glob_match(p, pattern) for p in left_out):
+                    why = " (it matches only leaves left out by default or by ignore rules, such as RNG state: pass ignore_rngs=False / --compare-rngs)"
+                raise CkptParityUsageError(
+                    f"include glob {pattern!r} matches no leaf of {where}{why}; the top-level groups are: {groups}. "
+                    f"Check its spelling (`ckptparity inspect PATH` lists every path).")
+        if not union:
+            raise CkptParityUsageError(f"nothing to compare: neither {where} holds a leaf (after the layout's ignore rules); a comparison that compares nothing never passes.")
+        kept, _ = scoped_paths(va, vb, opts)
+        if not kept:
+            scope = ", ".join([f"include={list(opts.include)!r}"] * bool(opts.include) + [f"exclude={list(opts.exclude)!r}"] * bool(opts.exclude))
+            raise CkptParityUsageError(f"the scope ({scope}) leaves no leaf of {where} to compare; the top-level groups are: {groups}. A comparison that compares nothing never passes.")
+        notes = []
+        for pattern in opts.exclude:
+            if not any(glob_match(p, pattern) for p in union):
+                notes.append(f"exclude glob {pattern!r} matched nothing (top-level groups: {groups})")
+        return notes
+
+    def run(self, selection: Optional[Iterable[Selection]] = None, *, notify: bool = True) -> ParityReport:
+        """Compare everything in scope, or only `selection` (parts from `split`)."""
+        va, vb = self.views
+        report = diff_views(va, vb, self.options, selection)
+        report.locations = (va.checkpoint.location, vb.checkpoint.location)
+        report.steps = (va.checkpoint.step, vb.checkpoint.step)
+        report.notes = [*self.notes, *report.notes]
+        report.rngs_ignored = self.ignore_rngs and any(p == "rngs" or p.startswith("rngs/") for v in self.views for p in v.ignored)
+        if notify:
+            self.notify(report)
+        return report
+
+    def notify(self, report: ParityReport) -> None:
+        """Tell the observers (the pytest plugin's run statistics) about a finished report."""
         for fn in list(_listeners):
             fn(report)
-        return report
+
+    def ignored_count(self) -> int:
+        return scoped_paths(self.views[0], self.views[1], self.options)[1]
+
+    def bytes_to_read(self) -> int:
+        """Decoded bytes a whole comparison reads (both sides), from metadata: for progress."""
+        return self.bytes_to_read_of(None)
+
+    def bytes_to_read_of(self, selection: Optional[Iterable[Selection]]) -> int:
+        """Decoded bytes the comparison of `selection` (None: everything) reads, both sides."""
+        va, vb = self.views
+        if selection is None:
+            paths, _ = scoped_paths(va, vb, self.options)
+        else:
+            paths = [p for sel in selection for p in sel.paths]
+        total = 0
+        for p in paths:
+            la, lb = va.leaves.get(p), vb.leaves.get(p)
+            if la is None or lb is None or la.shape != lb.shape:
+                continue
+            for leaf in (la, lb):
+                total += math.prod(leaf.shape) * _itemsize(leaf.dtype)
+        return total
 
     def split(self, how: str = "layer") -> list[tuple[str, list[Selection]]]:
         """Named parts for generated test items, from metadata only, in a deterministic order.
@@ -204,6 +320,13 @@ class Comparison:
         return [(name, [Selection(tuple(ps), layers)]) for _, (name, ps, layers) in sorted(parts.items())]
 
 
+def _itemsize(dtype: str) -> int:
+    if dtype == "str":
+        return 1
+    digits = "".join(c for c in dtype if c.isdigit())
+    return max(1, int(digits) // 8) if digits else 1
+
+
 def _item_key(path: str, how: str) -> str:
     keys = path.split("/")
     if how == "leaf":
@@ -227,17 +350,23 @@ def compare_checkpoints(
     include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
     compare_values: bool = True, equal_nan: bool = True, dtype_policy: str = "strict",
     names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
+    step_a: Optional[int] = None, step_b: Optional[int] = None,
+    storage_options: Optional[Mapping[str, str]] = None,
     format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
     rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
     scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, read_budget: int = DEFAULT_READ_BUDGET,
 ) -> ParityReport:
-    """Compare and return the report, parity or not (raises only on usage errors)."""
+    """Compare and return the report, parity or not (raises only on usage errors).
+
+    `step` picks the step of manager roots on both sides; `step_a` / `step_b` per side.
+    `storage_options` go to the sides that are object-store URLs (gs://, s3://).
+    """
     options = make_options(
         atol=atol, rtol=rtol, tolerances=tolerances, include=include, exclude=exclude,
         compare_values=compare_values, equal_nan=equal_nan, dtype_policy=dtype_policy, read_budget=read_budget,
     )
     comparison = Comparison(
-        a, b, names=names, step=step, format_a=format_a, format_b=format_b, rename=rename,
+        a, b, names=names, step=step, step_a=step_a, step_b=step_b, storage_options=storage_options, format_a=format_a, format_b=format_b, rename=rename,
         ignore=ignore, ignore_rngs=ignore_rngs, scan_axis=scan_axis, options=options,
     )
     return comparison.run()
@@ -254,6 +383,8 @@ def assert_ckpt_parity(
     include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
     compare_values: bool = True, equal_nan: bool = True, dtype_policy: str = "strict",
     names: Sequence[str] = ("A", "B"), step: Optional[int] = None,
+    step_a: Optional[int] = None, step_b: Optional[int] = None,
+    storage_options: Optional[Mapping[str, str]] = None,
     format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
     rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
     scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, read_budget: int = DEFAULT_READ_BUDGET,
@@ -262,9 +393,7 @@ def assert_ckpt_parity(
 
     `a` and `b` may be paths (orbax manager root, step, item or bare folder), in-memory trees
     or opened checkpoints (the `ckpt_a` fixture), in any mix. B is the reference:
-    `|a - b| <= atol + rtol * |b|`. `scan_axis` is the axis layer stacks are stored on
-    (default: recorded in the checkpoint, else 1), one for both sides or `(axis_a, axis_b)`.
-    Returns the report on parity; raises `CkptParityError`
+    `|a - b| <= atol + rtol * |b|`. Returns the report on parity; raises `CkptParityError`
     naming every mismatch otherwise, and `CkptParityUsageError` when no verdict is possible.
 
     >>> assert_ckpt_parity("runs/linen/checkpoints", "runs/nnx/checkpoints", exclude="opt_state")
@@ -273,7 +402,8 @@ def assert_ckpt_parity(
     report = compare_checkpoints(
         a, b, atol=atol, rtol=rtol, tolerances=tolerances, include=include, exclude=exclude,
         compare_values=compare_values, equal_nan=equal_nan, dtype_policy=dtype_policy, names=names,
-        step=step, format_a=format_a, format_b=format_b, rename=rename, ignore=ignore,
+        step=step, step_a=step_a, step_b=step_b, storage_options=storage_options,
+        format_a=format_a, format_b=format_b, rename=rename, ignore=ignore,
         ignore_rngs=ignore_rngs, scan_axis=scan_axis, read_budget=read_budget,
     )
     if not report.passed:

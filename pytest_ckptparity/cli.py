@@ -1,8 +1,11 @@
 """`ckptparity`: the same verdict and report as the helper, from a shell.
 
-    ckptparity A B [options]      exit 0 on parity, 1 on mismatch, 2 on usage or read errors
-    ckptparity inspect PATH       detected layout and the normalized tree, from metadata only
-    ckptparity demo               write example checkpoints to a temp dir; one pass, one failure
+    ckptparity [compare] A B [options]  exit 0 on parity, 1 on mismatch, 2 on usage or read errors
+    ckptparity inspect PATH             detected layout and the normalized tree, from metadata only
+    ckptparity demo                     write example checkpoints to a temp dir; one pass, one failure
+    python -m pytest_ckptparity ...     the same
+
+Paths stay strings from argv to the reader: `gs://bucket/run` is never turned into a Path.
 """
 
 from __future__ import annotations
@@ -12,14 +15,21 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 EXIT_PARITY, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+ROWS_DEFAULT, ROWS_VERBOSE = 20, 50  # mismatch rows shown: default, -v; -vv shows all
+PROGRESS_MIN_BYTES = 512 << 20  # a progress bar only for comparisons that read more than this
+MORE_HINT = "use -vv or --max-rows 0 to see all"
 
 
 def _compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckptparity", description="Assert parity between two model checkpoints. Subcommands: 'inspect PATH', 'demo'.")
+    from pytest_ckptparity import __version__
+
+    p = argparse.ArgumentParser(prog="ckptparity", description="Assert parity between two model checkpoints. Also: 'ckptparity compare A B' (the same), 'inspect PATH', 'demo'.")
+    p.add_argument("--version", action="version", version=f"ckptparity {__version__}")
     p.add_argument("a", help="checkpoint A (orbax manager root, step, item or bare folder)")
     p.add_argument("b", help="checkpoint B, the reference: |a-b| <= atol + rtol*|b|")
     p.add_argument("--atol", type=float, help="absolute tolerance (default: per dtype)")
@@ -28,6 +38,9 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", metavar="GLOB", help="compare only matching paths (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="leave out matching paths (repeatable)")
     p.add_argument("--step", type=int, help="step to open in manager roots (default: latest committed)")
+    p.add_argument("--step-a", type=int, metavar="N", help="step of A's manager root (default: --step, else latest committed)")
+    p.add_argument("--step-b", type=int, metavar="N", help="step of B's manager root (default: --step, else latest committed)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="a setting for gs:// or s3:// checkpoints, e.g. endpoint=http://127.0.0.1:9000 (repeatable)")
     p.add_argument("--structure-only", action="store_true", help="compare paths, shapes and dtypes; read no array data")
     p.add_argument("--dtype-policy", choices=("strict", "cast"), default="strict")
     p.add_argument("--format-a", metavar="LAYOUT", help="force A's layout")
@@ -36,9 +49,27 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-equal-nan", action="store_true", help="a NaN never equals a NaN")
     p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 256; a larger stored chunk is still read whole)")
     p.add_argument("--report", metavar="PATH", help="write every leaf's result and the totals as JSON")
-    p.add_argument("--max-rows", type=int, default=20, help="rows shown before '... and K more' (0: all)")
+    p.add_argument("--max-rows", type=_non_negative_int, metavar="N", help=f"mismatch rows shown before '... and K more' (default {ROWS_DEFAULT}, {ROWS_VERBOSE} with -v; 0: all)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help=f"more rows: -v shows {ROWS_VERBOSE}, -vv all")
     p.add_argument("--color", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--progress", choices=("auto", "yes", "no"), default="auto", help="a progress bar on stderr: auto shows it on a terminal, outside CI, when more than 512 MiB are read")
     return p
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _max_rows(args: argparse.Namespace) -> Optional[int]:
+    if args.max_rows is not None:
+        return args.max_rows or None
+    return ROWS_DEFAULT if args.verbose <= 0 else ROWS_VERBOSE if args.verbose == 1 else None
 
 
 def _tolerances(lines: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -80,22 +111,86 @@ def _color(choice: str) -> Optional[bool]:
     return None if choice == "auto" else choice == "yes"
 
 
+def _want_progress(choice: str, nbytes: int, stream: Any = None, env: Optional[dict[str, str]] = None) -> bool:
+    """A bar only where a person watches: a terminal, not CI, and a read long enough to wait on."""
+    if choice != "auto":
+        return choice == "yes"
+    stream = stream or sys.stderr
+    env = os.environ if env is None else env
+    if env.get("CI") or env.get("TERM", "") == "dumb" or not getattr(stream, "isatty", lambda: False)():
+        return False
+    return nbytes > PROGRESS_MIN_BYTES
+
+
+def run_with_progress(comparison: Any, console: Any = None) -> Any:
+    """Run `comparison` group by group under a rich progress bar (bytes), on stderr; the
+    merged report equals one whole run's (same leaves in the same order)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pytest_ckptparity._model import ParityReport
+
+    parts = comparison.split("group")
+    sizes = [comparison.bytes_to_read_of(sel) for _, sel in parts]
+    console = console or Console(stderr=True)
+    reports = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("comparing", total=sum(sizes) or None)
+        for (name, selection), size in zip(parts, sizes):
+            bar.update(task, description=f"comparing {name}")
+            reports.append(comparison.run(selection, notify=False))
+            bar.advance(task, size)
+    whole = comparison.run([], notify=False)  # the header: names, layouts, locations, notes, ignored
+    results = sorted((r for rep in reports for r in rep.results), key=lambda r: r.path)
+    merged = ParityReport(
+        names=whole.names, layouts=whole.layouts, locations=whole.locations, steps=whole.steps, results=results,
+        ignored=comparison.ignored_count(), values_compared=whole.values_compared, notes=whole.notes,
+        rngs_ignored=whole.rngs_ignored, wall_time=sum(r.wall_time for r in reports),
+    )
+    comparison.notify(merged)
+    return merged
+
+
+def _out(text: str) -> None:
+    """Print to stdout; a reader that went away (`| head`) ends the output quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would complain again when it flushes stdout at exit: point it at devnull.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def run_compare(argv: Sequence[str]) -> int:
-    from pytest_ckptparity.api import compare_checkpoints
-    from pytest_ckptparity.report import render
+    from pytest_ckptparity.api import Comparison, make_options, parse_key_values
+    from pytest_ckptparity.report import comparison_record, json_document, render
 
     args = _compare_parser().parse_args(argv)
     _return_large_blocks_to_the_os()
-    report = compare_checkpoints(
-        args.a, args.b, atol=args.atol, rtol=args.rtol, tolerances=_tolerances(args.tolerance),
+    options = make_options(
+        atol=args.atol, rtol=args.rtol, tolerances=_tolerances(args.tolerance),
         include=args.include, exclude=args.exclude, compare_values=not args.structure_only,
-        equal_nan=not args.no_equal_nan, dtype_policy=args.dtype_policy, step=args.step,
-        format_a=args.format_a, format_b=args.format_b, ignore_rngs=not args.compare_rngs,
+        equal_nan=not args.no_equal_nan, dtype_policy=args.dtype_policy,
         **({} if args.read_budget is None else {"read_budget": _budget_bytes(args.read_budget)}),
     )
-    print(render(report, color=_color(args.color), max_rows=args.max_rows or None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        comparison = Comparison(
+            args.a, args.b, step=args.step, step_a=args.step_a, step_b=args.step_b,
+            storage_options=parse_key_values("--storage-option", args.storage_option) or None,
+            format_a=args.format_a, format_b=args.format_b, ignore_rngs=not args.compare_rngs, options=options,
+        )
+    for w in caught:
+        print(f"ckptparity: warning: {w.message}", file=sys.stderr)
+    if options.compare_values and _want_progress(args.progress, comparison.bytes_to_read()):
+        report = run_with_progress(comparison)
+    else:
+        report = comparison.run()
+    _out(render(report, color=_color(args.color), max_rows=_max_rows(args), more_hint=MORE_HINT))
     if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+        document = json_document([comparison_record(report)], tool="ckptparity")
+        Path(args.report).write_text(json.dumps(document, indent=1, sort_keys=True))
     return EXIT_PARITY if report.passed else EXIT_MISMATCH
 
 
@@ -110,7 +205,8 @@ def run_inspect(argv: Sequence[str]) -> int:
     p.add_argument("--compare-rngs", action="store_true", help="list RNG state among the leaves")
     args = p.parse_args(argv)
     view = normalize(open_checkpoint(args.path, step=args.step, name="checkpoint"), layout=args.format, ignore_rngs=not args.compare_rngs)
-    print(f"{view.checkpoint.location}")
+    step = view.checkpoint.step
+    print(f"{view.checkpoint.location}" + (f" (step {step})" if step is not None else ""))
     print(f"layout: {view.describe()} [{view.layout.name}]")
     width = max((len(p) for p in view.leaves), default=0)
     for path, leaf in view.leaves.items():
@@ -150,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pytest_ckptparity.errors import CkptParityUsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"inspect": run_inspect, "demo": run_demo}
+    commands = {"inspect": run_inspect, "demo": run_demo, "compare": run_compare}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
@@ -162,6 +258,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): nothing left to say
+        _out("")
+        return EXIT_PARITY
     except Exception as e:  # noqa: BLE001 - never a library traceback; CKPTPARITY_DEBUG=1 shows it
         if os.environ.get("CKPTPARITY_DEBUG"):
             raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -145,8 +146,11 @@ class _Accumulator:
     """Merges the stats of the pieces and blocks of one leaf."""
 
     def __init__(self) -> None:
-        self.n_total = self.n_mismatch = self.n_nonfinite = 0
+        self.n_total = self.n_mismatch = self.n_nonfinite = self.n_nan_pairs = 0
         self.max_abs = self.max_rel = 0.0
+        self.headroom = 0.0  # max |a - b| / (atol + rtol * |b|)
+        self.headroom_flat: Optional[int] = None  # a piece's own: flat index of that element in it
+        self.headroom_index: Optional[tuple[int, ...]] = None
         self.worst: Optional[tuple[float, tuple[int, ...], Any, Any]] = None
         self.first: list[tuple[int, ...]] = []
         self.layers: set[int] = set()
@@ -157,6 +161,9 @@ class _Accumulator:
         self.n_total += other.n_total
         self.n_mismatch += other.n_mismatch
         self.n_nonfinite += other.n_nonfinite
+        self.n_nan_pairs += other.n_nan_pairs
+        if other.headroom > self.headroom:
+            self.headroom, self.headroom_index = other.headroom, other.headroom_index
         self.max_abs = max(self.max_abs, other.max_abs)
         self.max_rel = max(self.max_rel, other.max_rel)
         if other.worst is not None and (self.worst is None or other.worst[0] > self.worst[0]):
@@ -168,6 +175,7 @@ class _Accumulator:
         w = self.worst
         return ValueStats(
             n_total=self.n_total, n_mismatch=self.n_mismatch, n_nonfinite=self.n_nonfinite,
+            n_nan_pairs=self.n_nan_pairs, headroom=self.headroom, headroom_index=self.headroom_index,
             max_abs=self.max_abs, max_rel=self.max_rel,
             worst_index=w[1] if w else None, worst_a=w[2] if w else None, worst_b=w[3] if w else None,
             first_indices=tuple(self.first), mismatched_layers=tuple(sorted(self.layers)),
@@ -230,6 +238,11 @@ def compare_block(
             bad, d, finite = _tolerant_piece(pa, pb, tol, equal_nan, part)
         if bad.size:
             _record_mismatches(pa, pb, bad, d, finite, starts, layered, part)
+            if not part.headroom > 1.0:  # NaN/inf or exact mismatches: beyond any allowance
+                part.headroom, part.headroom_flat = math.inf, int(bad[0])
+        if part.headroom_flat is not None:
+            local = np.unravel_index(part.headroom_flat, pa.shape) if pa.ndim else ()
+            part.headroom_index = tuple(int(s + l) for s, l in zip(starts, local))
         return part
 
     parts = map(work, differing) if len(differing) == 1 else _pool().map(work, differing)
@@ -289,6 +302,8 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
         max_abs = d.max()  # NaN if any pair holds a NaN
         if max_abs <= tol.atol:  # all finite and within: only the stats remain
             acc.max_abs = max(acc.max_abs, float(max_abs))
+            if max_abs > 0:
+                _fold_headroom_within_atol(acc, d, ay, tol)
             _fold_max_rel(acc, np.fmax.reduce(np.divide(d, ay, out=ay), axis=None))
             return nothing
         limit = np.multiply(ay, tol.rtol, out=np.empty_like(ay, dtype=d.dtype))
@@ -302,6 +317,7 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
             d = np.where(np.isfinite(x) & np.isfinite(y), d, 0)
             max_abs = d.max()
         acc.max_abs = max(acc.max_abs, float(max_abs))
+        _fold_headroom(acc, np.divide(d, limit, out=limit))
         _fold_max_rel(acc, np.fmax.reduce(np.divide(d, ay, out=limit), axis=None))
     bad = np.flatnonzero(fails)
     if not bad.size:
@@ -312,9 +328,59 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
     if equal_nan:
         ok |= np.isnan(xs) & np.isnan(ys)
     bad = bad[~ok]
-    finite = np.isfinite(xf[bad]) & np.isfinite(yf[bad])
-    acc.n_nonfinite += int(np.count_nonzero(~finite))
+    xs, ys = xf[bad], yf[bad]
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    odd = ~finite
+    if not equal_nan:  # NaN against NaN is a mismatch of its own kind, not "a different value"
+        nan_pairs = np.isnan(xs) & np.isnan(ys)
+        acc.n_nan_pairs += int(np.count_nonzero(nan_pairs))
+        odd &= ~nan_pairs
+    acc.n_nonfinite += int(np.count_nonzero(odd))
     return bad, df[bad], finite
+
+
+def _fold_headroom(acc: _Accumulator, ratio: np.ndarray) -> None:
+    """Keep the largest of `ratio` (|a - b| / allowance per element; NaN ignored) and where."""
+    flat = ratio.reshape(-1)
+    j = int(np.argmax(flat))  # the first NaN if there is one
+    if math.isnan(flat[j]):
+        j = int(np.argmax(np.where(np.isnan(flat), -1.0, flat)))
+    value = float(flat[j])
+    if value > acc.headroom:
+        acc.headroom, acc.headroom_flat = value, j
+
+
+def _fold_headroom_within_atol(acc: _Accumulator, d: np.ndarray, ay: np.ndarray, tol: Tolerance) -> None:
+    """Headroom when every |a - b| is within atol (> 0): no NaN or inf can be there, and the
+    piece is cache-resident, so three in-place passes over it. Without rtol the largest
+    |a - b| is the answer."""
+    df = d.reshape(-1)
+    if not tol.rtol:
+        j = int(np.argmax(df))
+        best = float(df[j]) / tol.atol
+    else:
+        ratio = np.multiply(ay.reshape(-1), tol.rtol, out=_scratch(df.size, df.dtype))
+        ratio += tol.atol
+        np.divide(df, ratio, out=ratio)
+        j = int(np.argmax(ratio))
+        best = float(ratio[j])
+    if best > acc.headroom:
+        acc.headroom, acc.headroom_flat = best, j
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, dtype: np.dtype) -> np.ndarray:
+    """A per-thread buffer of `n` elements, reused across pieces: a fresh 512 KiB array per
+    piece would be a fresh mapping (and its page faults) every time."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(np.dtype(dtype))
+    if buf is None or buf.size < n:
+        buf = buffers[np.dtype(dtype)] = np.empty(max(n, PIECE_ELEMENTS), dtype)
+    return buf[:n]
 
 
 def _fold_max_rel(acc: _Accumulator, max_rel: Any) -> None:
@@ -661,6 +727,7 @@ def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: C
         if a != b:
             job.acc.n_mismatch += 1
             job.acc.worst = (math.inf, (), a, b)
+            job.acc.headroom, job.acc.headroom_index = math.inf, ()
         return
     origin = tuple(s.start for s in block)
     layered = job.la.layers is not None

@@ -31,3 +31,10 @@ class CkptParityUsageError(Exception):
     def __init__(self, message: str, *, path: Any = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class CkptParityWarning(UserWarning):
+    """A comparison ran, but something about it deserves a look (e.g. a newer step of a
+    manager root is not committed, so an older one was compared)."""
+
+    __module__ = "pytest_ckptparity"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -21,6 +21,7 @@ GROUP = "checkpoint parity"
 OPT_A, OPT_B = "--ckpt-a", "--ckpt-b"
 SPLIT_CHOICES = ("group", "layer", "leaf")
 POLICY_CHOICES = ("strict", "cast")
+GENERATE_CHOICES = ("auto", "yes", "no")
 WORKER_KEY = "ckptparity"
 comparison_key = pytest.StashKey[Any]()
 listener_key = pytest.StashKey[Callable]()
@@ -30,11 +31,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("ckptparity", GROUP)
     g.addoption(OPT_A, dest="ckpt_a", metavar="PATH", help="checkpoint A: orbax manager root, step, item or bare folder.")
     g.addoption(OPT_B, dest="ckpt_b", metavar="PATH", help="checkpoint B (the reference: |a-b| <= atol + rtol*|b|).")
-    g.addoption("--atol", dest="ckpt_atol", metavar="X", help="absolute tolerance for every float leaf (default: per dtype).")
-    g.addoption("--rtol", dest="ckpt_rtol", metavar="X", help="relative tolerance for every float leaf (default: per dtype).")
+    g.addoption("--ckpt-atol", dest="ckpt_atol", metavar="X", help="absolute tolerance for every float leaf (default: per dtype); also --atol unless a conftest defines its own.")
+    g.addoption("--ckpt-rtol", dest="ckpt_rtol", metavar="X", help="relative tolerance for every float leaf (default: per dtype); also --rtol unless a conftest defines its own.")
     g.addoption("--ckpt-include", dest="ckpt_include", action="append", metavar="GLOB", help="compare only paths matching GLOB (repeatable).")
     g.addoption("--ckpt-exclude", dest="ckpt_exclude", action="append", metavar="GLOB", help="leave out paths matching GLOB (repeatable).")
     g.addoption("--ckpt-step", dest="ckpt_step", type=int, metavar="N", help="step to open in manager roots (default: latest committed).")
+    g.addoption("--ckpt-step-a", dest="ckpt_step_a", type=int, metavar="N", help="step of --ckpt-a's manager root (default: --ckpt-step, else latest committed).")
+    g.addoption("--ckpt-step-b", dest="ckpt_step_b", type=int, metavar="N", help="step of --ckpt-b's manager root (default: --ckpt-step, else latest committed).")
+    g.addoption("--ckpt-storage-option", dest="ckpt_storage_options", action="append", metavar="KEY=VALUE", help="a setting for gs:// or s3:// checkpoints, e.g. endpoint=http://127.0.0.1:9000 (repeatable).")
+    g.addoption("--ckpt-generate", dest="ckpt_generate", choices=GENERATE_CHOICES, default=None, help="generated items for --ckpt-a/--ckpt-b: auto (default) adds them only when no test paths or node ids are given; yes: always; no: never.")
     g.addoption("--ckpt-structure-only", dest="ckpt_structure_only", action="store_true", help="compare paths, shapes and dtypes only; read no array data.")
     g.addoption("--ckpt-dtype-policy", dest="ckpt_dtype_policy", choices=POLICY_CHOICES, default="strict", help="strict: a dtype difference is a mismatch; cast: compare in the lower precision.")
     g.addoption("--ckpt-split", dest="ckpt_split", choices=SPLIT_CHOICES, default="layer", help="granularity of generated items (default: layer).")
@@ -44,11 +49,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt-format-b", dest="ckpt_format_b", metavar="LAYOUT", help="force B's layout instead of detecting it.")
     g.addoption("--ckpt-compare-rngs", dest="ckpt_compare_rngs", action="store_true", help="also compare NNX RNG state (ignored by default).")
     g.addoption("--ckpt-read-budget", dest="ckpt_read_budget", metavar="MIB", help="decoded array data held at once per comparison, in MiB (default: 256; a larger stored chunk is still read whole).")
-    parser.addini("ckpt_atol", "absolute tolerance for checkpoint parity (command line --atol wins).", default="")
-    parser.addini("ckpt_rtol", "relative tolerance for checkpoint parity (command line --rtol wins).", default="")
+    parser.addini("ckpt_atol", "absolute tolerance for checkpoint parity (--ckpt-atol or --atol wins).", default="")
+    parser.addini("ckpt_rtol", "relative tolerance for checkpoint parity (--ckpt-rtol or --rtol wins).", default="")
     parser.addini("ckpt_tolerances", "per-path tolerances, one 'glob atol rtol' per line.", type="linelist", default=[])
     parser.addini("ckpt_read_budget", "decoded array data held at once per comparison, in MiB (--ckpt-read-budget wins).", default="")
     parser.addini("ckpt_paths", "named checkpoints, one 'name = path' per line.", type="linelist", default=[])
+    parser.addini("ckpt_generate", "generated items for --ckpt-a/--ckpt-b: auto, yes or no (--ckpt-generate wins).", default="auto")
+
+
+SHORT_SPELLINGS = (("--atol", "ckpt_atol_short", "absolute tolerance for checkpoint parity (same as --ckpt-atol)."),
+                   ("--rtol", "ckpt_rtol_short", "relative tolerance for checkpoint parity (same as --ckpt-rtol)."))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> Any:
+    """`--atol` / `--rtol` are added once the project's conftests have added theirs, and only
+    when free: a conftest that defines its own `--atol` keeps it (`--ckpt-atol` still works)."""
+    result = yield
+    taken = _option_names(parser)
+    if taken is not None:
+        group = parser.getgroup("ckptparity", GROUP)
+        for name, dest, help_text in SHORT_SPELLINGS:
+            if name not in taken:
+                group.addoption(name, dest=dest, metavar="X", help=help_text)
+    return result
+
+
+def _option_names(parser: pytest.Parser) -> Optional[set[str]]:
+    """Every option string registered so far; None if pytest's parser cannot tell us."""
+    try:
+        groups = [parser._anonymous, *parser._groups]  # noqa: SLF001 - no public listing exists
+        return {n for g in groups for opt in g.options for n in opt.names()}
+    except AttributeError:
+        return None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -113,10 +146,45 @@ def render_for(config: pytest.Config, report: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def generates_items(config: pytest.Config) -> bool:
+    """Generated items run for --ckpt-a/--ckpt-b unless turned off, or, with the default
+    `auto`, unless test paths or node ids were named on the command line (then the run is
+    about those tests; `--ckpt-generate=yes` adds the items anyway)."""
+    settings = config.stash[settings_key]
+    if not (settings.ckpt_a and settings.ckpt_b) or settings.generate == "no":
+        return False
+    return settings.generate == "yes" or not config.option.file_or_dir
+
+
+def pytest_report_header(config: pytest.Config) -> Optional[str]:
+    settings = config.stash.get(settings_key, None)
+    if settings is None or not (settings.ckpt_a and settings.ckpt_b):
+        return None
+    if generates_items(config):
+        return f"ckptparity: {settings.ckpt_a} vs {settings.ckpt_b}, generated items on"
+    why = "--ckpt-generate=no" if settings.generate == "no" else "test paths were given; --ckpt-generate=yes adds them"
+    return f"ckptparity: {settings.ckpt_a} vs {settings.ckpt_b}, generated items off ({why})"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Open and check the --ckpt-a/--ckpt-b pair before any test runs (on the xdist
+    controller too, which collects nothing itself): a bad path or a scope that matches
+    nothing stops the run with one sentence (exit 4)."""
+    config = session.config
+    if _is_worker(config) or not generates_items(config):
+        return
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    try:
+        _comparison(config, config.stash[settings_key])
+    except CkptParityUsageError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     settings = config.stash[settings_key]
-    if not (settings.ckpt_a and settings.ckpt_b):
+    if not generates_items(config):
         return
     from pytest_ckptparity._items import make_items
     from pytest_ckptparity.errors import CkptParityUsageError
@@ -134,9 +202,14 @@ def _comparison(config: pytest.Config, settings: Settings) -> Any:
 
         kw = dict(settings.helper_kwargs)
         options = make_options(**{k: kw.pop(k) for k in OPTION_NAMES if k in kw})
-        a = open_cached(config, settings.ckpt_a, "A")
-        b = open_cached(config, settings.ckpt_b, "B")
-        config.stash[comparison_key] = Comparison(a, b, options=options, **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs")})
+        a = open_cached(config, settings.ckpt_a, "A", settings.step_a)
+        b = open_cached(config, settings.ckpt_b, "B", settings.step_b)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config.stash[comparison_key] = Comparison(a, b, options=options, **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs")})
+        if not _is_worker(config):  # once per run, in the warnings summary (workers stay quiet)
+            for w in caught:
+                config.issue_config_time_warning(w.message, stacklevel=2)
     return config.stash[comparison_key]
 
 
@@ -145,10 +218,32 @@ def _comparison(config: pytest.Config, settings: Settings) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _configured(request: pytest.FixtureRequest, option_name: str, path: Optional[str], name: str) -> Any:
+def _configured(request: pytest.FixtureRequest, option_name: str, path: Optional[str], name: str, step: Optional[int]) -> Any:
     if not path:
         pytest.skip(f"no checkpoint given: pass {option_name} PATH to run this test")
-    return open_cached(request.config, path, name)
+    return _open_or_fail(request.config, path, name, step)
+
+
+def _open_or_fail(config: pytest.Config, path: str, name: str, step: Optional[int]) -> Any:
+    """A checkpoint that cannot be opened fails the test with its one sentence, no frames."""
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    try:
+        return open_cached(config, path, name, step)
+    except CkptParityUsageError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def _named(config: pytest.Config, name: str) -> Any:
+    """A named checkpoint; an unknown name is an error naming the known ones. Only a run with
+    no named checkpoints at all skips (that run is not about them)."""
+    settings = config.stash[settings_key]
+    if not settings.named:
+        pytest.skip(f"no named checkpoints configured: pass --ckpt {name}=PATH or add '{name} = PATH' to ckpt_paths to run this test")
+    if name not in settings.named:
+        known = ", ".join(repr(n) for n in sorted(settings.named))
+        pytest.fail(f"no checkpoint named {name!r}; the configured names are {known} (from --ckpt NAME=PATH and ckpt_paths).", pytrace=False)
+    return _open_or_fail(config, settings.named[name], name, settings.step)
 
 
 @pytest.fixture(scope="session")
@@ -160,13 +255,15 @@ def ckpt_a(request: pytest.FixtureRequest) -> Any:
         def test_params_match(ckpt_a, ckpt_b, ckpt_parity):
             ckpt_parity(ckpt_a, ckpt_b, include="params")
     """
-    return _configured(request, OPT_A, request.config.stash[settings_key].ckpt_a, "A")
+    settings = request.config.stash[settings_key]
+    return _configured(request, OPT_A, settings.ckpt_a, "A", settings.step_a)
 
 
 @pytest.fixture(scope="session")
 def ckpt_b(request: pytest.FixtureRequest) -> Any:
     """Checkpoint B from ``--ckpt-b``, the reference side (skips the test when not given)."""
-    return _configured(request, OPT_B, request.config.stash[settings_key].ckpt_b, "B")
+    settings = request.config.stash[settings_key]
+    return _configured(request, OPT_B, settings.ckpt_b, "B", settings.step_b)
 
 
 @pytest.fixture(scope="session")
@@ -178,12 +275,9 @@ def ckpt(request: pytest.FixtureRequest) -> Callable[[str], Any]:
         def test_nnx_matches_linen(ckpt, ckpt_parity):
             ckpt_parity(ckpt("nnx"), ckpt("linen"))
     """
-    settings = request.config.stash[settings_key]
-
     def get(name: str) -> Any:
-        if name not in settings.named:
-            pytest.skip(f"no checkpoint named {name!r}: pass --ckpt {name}=PATH or add it to ckpt_paths")
-        return open_cached(request.config, settings.named[name], name)
+        __tracebackhide__ = True
+        return _named(request.config, name)
 
     return get
 
@@ -212,7 +306,10 @@ def ckpt_parity(request: pytest.FixtureRequest) -> Callable[..., Any]:
 
     def check(a: Any, b: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
-        return assert_ckpt_parity(a, b, **{**base, **kwargs})
+        kw = {**base, **kwargs}
+        if "storage_options" not in kwargs and not any(isinstance(x, str) and "://" in x for x in (a, b)):
+            kw.pop("storage_options", None)  # the run's --ckpt-storage-option: for URLs only
+        return assert_ckpt_parity(a, b, **kw)
 
     return check
 
@@ -242,11 +339,7 @@ def ckpt_pair(request: pytest.FixtureRequest) -> CkptPair:
     if not hasattr(request, "param"):
         raise pytest.UsageError("the ckpt_pair fixture needs @pytest.mark.ckpt_matrix('name1', 'name2', ...) on the test.")
     name_a, name_b = request.param
-    settings = request.config.stash[settings_key]
-    for n in (name_a, name_b):
-        if n not in settings.named:
-            pytest.skip(f"no checkpoint named {n!r}: pass --ckpt {n}=PATH or add it to ckpt_paths")
-    return CkptPair(name_a, name_b, open_cached(request.config, settings.named[name_a], name_a), open_cached(request.config, settings.named[name_b], name_b))
+    return CkptPair(name_a, name_b, _named(request.config, name_a), _named(request.config, name_b))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -267,6 +360,51 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # --------------------------------------------------------------------------------------
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Any:
+    """Comparisons made while a test runs carry its node id."""
+    stats = item.config.stash.get(stats_key, None)
+    if stats is not None:
+        stats.current_test = item.nodeid
+    try:
+        return (yield)
+    finally:
+        if stats is not None:
+            stats.current_test = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    stats = item.config.stash.get(stats_key, None)
+    if stats is not None and call.when == "call":
+        stats.settle(item.nodeid, rep.passed or hasattr(rep, "wasxfail"))
+    excinfo = call.excinfo
+    if rep.failed and excinfo is not None and not hasattr(rep, "wasxfail"):
+        from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
+
+        verdict = isinstance(excinfo.value, CkptParityError) and getattr(excinfo.value, "report", None) is not None
+        if verdict or isinstance(excinfo.value, CkptParityUsageError):
+            from pytest_ckptparity._failure import failure_payload, failure_repr
+
+            payload = failure_payload(item, excinfo)
+            rep.ckptparity_failure = payload  # plain data: crosses to the xdist controller with the report
+            rep.longrepr = failure_repr(payload)
+    return rep
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_from_serializable(config: pytest.Config, data: dict[str, Any]) -> Any:
+    """On the xdist controller: rebuild the parity failure display from the worker's data."""
+    rep = yield
+    payload = getattr(rep, "ckptparity_failure", None)
+    if payload:
+        from pytest_ckptparity._failure import failure_repr
+
+        rep.longrepr = failure_repr(payload)
+    return rep
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     stats = config.stash.get(stats_key, None)
@@ -279,24 +417,21 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     path = config.stash[settings_key].report_path
     if path:
-        out = {"totals": stats.totals(), "leaves": stats.leaves, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        Path(path).write_text(json.dumps(out, indent=1, sort_keys=True))
+        from pytest_ckptparity.report import json_document
+
+        Path(path).write_text(json.dumps(json_document(stats.records, tool="pytest", totals=stats.totals()), indent=1, sort_keys=True))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     stats = config.stash.get(stats_key, None)
     if stats is None or _is_worker(config) or not stats.comparisons:
         return
-    t = stats.totals()
+    from pytest_ckptparity.report import summary_lines
+
     tr = terminalreporter
     tr.write_sep("=", GROUP)
-    tr.write_line(f"leaves compared: {t['leaves_compared']}  mismatched: {t['leaves_mismatched']}  comparisons: {t['comparisons']}")
-    tr.write_line(f"bytes read: {t['bytes_read']:,}  wall time in comparisons: {t['wall_time_s']:.3f} s")
-    if t["workers"]:  # which xdist workers (hosts) compared what, e.g. every host read its own subtrees
-        each = "; ".join(f"{w} on {d['host']}: {d['comparisons']} comparisons, {d['bytes_read']:,} bytes" for w, d in t["workers"].items())
-        tr.write_line(f"workers that ran comparisons: {len(t['workers'])} ({each})")
-    if t["worst_leaf"]:
-        tr.write_line(f"worst leaf: {t['worst_leaf']} ({t['worst_kind']})", red=True)
+    for line, failing in summary_lines(stats.totals()):
+        tr.write_line(line, red=failing)
     report_path = config.stash[settings_key].report_path
     if report_path:
         tr.write_line(f"JSON report: {report_path}")

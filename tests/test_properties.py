@@ -154,7 +154,20 @@ def test_kernel_agrees_with_the_rules_written_out(shape, seed, dtype, equal_nan,
     assert stats.n_mismatch == len(expected)
     assert list(stats.first_indices) == [np.unravel_index(i, shape) for i in expected[:5]]
     finite = [i for i in expected if np.isfinite(a.astype(np.float64).ravel()[i]) and np.isfinite(b.astype(np.float64).ravel()[i])]
-    assert stats.n_nonfinite == len(expected) - len(finite)
+    both_nan = [i for i in expected if np.isnan(a.astype(np.float64).ravel()[i]) and np.isnan(b.astype(np.float64).ravel()[i])]
+    assert stats.n_nan_pairs == len(both_nan)  # only with equal_nan=False: NaN against NaN
+    assert stats.n_nonfinite == len(expected) - len(finite) - len(both_nan)
+    # Headroom: the largest |a - b| / (atol + rtol * |b|) over finite pairs; beyond 1 on a mismatch.
+    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    pairs = np.isfinite(x) & np.isfinite(y)
+    ratio = np.abs(x[pairs] - y[pairs]) / (atol + rtol * np.abs(y[pairs]))
+    if expected:
+        assert stats.headroom > 1.0
+    else:
+        assert np.isclose(stats.headroom, ratio.max() if ratio.size else 0.0, rtol=1e-5, atol=0)
+        if stats.headroom:
+            i = np.ravel_multi_index(stats.headroom_index, shape)
+            assert np.isclose(abs(x[i] - y[i]) / (atol + rtol * abs(y[i])), stats.headroom, rtol=1e-5)
     if finite:  # the worst is a finite mismatch with the largest difference (ties: any of them)
         diffs = np.abs(a.astype(np.float64).ravel()[finite] - b.astype(np.float64).ravel()[finite])
         at_worst = abs(a.astype(np.float64)[stats.worst_index] - b.astype(np.float64)[stats.worst_index])

@@ -236,7 +236,7 @@ def test_cli_compares_and_inspects_bucket_urls(stores, capsys):
 
     assert main(["inspect", stores.url("gs", "maxtext_nnx_scan")]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == f"gs://{BUCKET}/runs/maxtext_nnx_scan/0/items"
+    assert out.splitlines()[0] == f"gs://{BUCKET}/runs/maxtext_nnx_scan/0/items (step 0)"
     assert "params/decoder/layers/mlp/wi_0/kernel" in out and "2 layers" in out
     assert main([stores.url("s3", "maxtext_decode_scan"), stores.url("gs", "maxtext_decode_unroll")]) == 0
     assert main([stores.url("s3", "maxtext_nnx_scan"), f"s3://{BUCKET}/runs/missing"]) == 2
@@ -256,7 +256,7 @@ def test_plugin_reads_a_bucket_against_a_local_copy(pytester, stores, xdist):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--ckpt-a={url}", f"--ckpt-b={stores.local['maxtext_decode_unroll']}", "-rA", *xdist)
     assert result.ret == 0
     result.stdout.fnmatch_lines_random([
-        "*= checkpoint parity =*", "leaves compared: 12  mismatched: 0  comparisons: 11",
+        "*= checkpoint parity =*", "comparisons: 11 (11 passed, 0 failed)", "leaves: 12 compared (12 match)",
         "PASSED ckpt-parity::params/decoder/layers/mlp/wi_0/kernel", "*11 passed*",
     ])
 
@@ -327,7 +327,7 @@ def test_many_hosts_each_read_their_own_subtrees_from_the_bucket(pytester, store
         "*checkpoint parity failed: 1 of 9 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (values)*",
         "FAILED ckpt-parity::opt_state/0/mu/decoder/layers[[]1[]]*",
         "FAILED ckpt-parity::params/decoder/layers[[]1[]]*",
-        "leaves compared: 39  mismatched: 2  comparisons: 13",
+        "comparisons: 13 (11 passed, 2 failed)", "leaves: 39 compared (37 match, 2 values differ)",
         "workers that ran comparisons: 2 (gw0 on *: * comparisons, * bytes; gw1 on *: * comparisons, * bytes)",
         "*2 failed, 11 passed*",
     ])
