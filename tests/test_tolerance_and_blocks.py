@@ -127,3 +127,22 @@ def test_tiny_budget_over_stored_chunks_of_a_layer_stack(tmp_path):
         assert bad.stats.mismatched_layers == (0, 5)
         assert "params/decoder/layers/mlp/wi_0/kernel [layers 0, 5]" in str(info.value)
         assert "2/192 (1.04%) elements differ" in str(info.value)
+
+
+@pytest.mark.parametrize("order,passes", [("strict-first", False), ("loose-first", True)])
+def test_ini_tolerance_lines_keep_their_order(pytester, order, passes):
+    strict, loose = "params/w 0 0", "params/** 1e-2 0"
+    lines = (strict, loose) if order == "strict-first" else (loose, strict)
+    pytester.makeini("[pytest]\nckpt_tolerances =\n    " + "\n    ".join(lines) + "\n")
+    pytester.makepyfile(test_tol="""
+        import numpy as np
+
+        def test_w(ckpt_parity):
+            ckpt_parity({"params": {"w": np.float32([1.001])}}, {"params": {"w": np.float32([1.0])}})
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    if passes:
+        result.assert_outcomes(passed=1)
+    else:
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(["*params/w  [[]values[]] float32 (1,): 1/1 (100%) elements differ*; atol=0, rtol=0"])
