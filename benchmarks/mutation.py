@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = [
     "tests/test_diff.py", "tests/test_normalize.py", "tests/test_sources.py", "tests/test_reading.py",
     "tests/test_step_item_selection.py", "tests/test_layer_stacks.py", "tests/test_tolerance_and_blocks.py",
-    "tests/test_properties.py", "tests/test_bad_input.py",
+    "tests/test_properties.py", "tests/test_bad_input.py", "tests/test_leaf_reading.py",
 ]
 DESELECT = [
     "tests/test_bad_input.py::test_concurrent_workers_give_the_same_verdict",
@@ -185,7 +185,7 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", None: "not checked", 33: "no 
           -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
 
 
-def run_mutmut(work: Path, modules: list[str], sample: int, seed: int, budget_s: float, max_children: int, reuse: bool = False) -> None:
+def run_mutmut(work: Path, modules: list[str], sample: int, seed: int, budget_s: float, max_children: int, reuse: bool = False, report_only: bool = False) -> None:
     try:
         import mutmut  # noqa: F401
     except ImportError:
@@ -194,7 +194,7 @@ def run_mutmut(work: Path, modules: list[str], sample: int, seed: int, budget_s:
     deadline = t0 + budget_s
     log = work / "mutmut.log"
     wanted = [f"pytest_ckptparity.{m}.{f}__mutmut_*" for m in modules for f in FUNCTIONS[m]]
-    if not (reuse and (work / "mutants" / "mutmut-stats.json").is_file()):
+    if not ((reuse or report_only) and (work / "mutants" / "mutmut-stats.json").is_file()):
         scratch_copy(work)
         (work / "setup.cfg").write_text(_setup_cfg(modules))
         # 1. Generate every mutant and record which test reaches which function (mutmut's
@@ -207,29 +207,68 @@ def run_mutmut(work: Path, modules: list[str], sample: int, seed: int, budget_s:
           f"{len(chosen)} sampled (seed {seed}); set-up took {time.time() - t0:.0f} s")
 
     # 2. Run the sample, cheapest first (mutmut orders them), until done or out of time.
-    _mutmut(work, chosen, max_children, deadline, log)
+    if not report_only:
+        _mutmut(work, chosen, max_children, deadline, log)
+    summarize(work, modules, chosen, time.time() - t0, max_children)
+
+
+def summarize(work: Path, modules: list[str], chosen: list[str], wall: float, max_children: int) -> None:
+    """Score = killed / (killed + survived). Timeouts are listed apart: under a loaded
+    machine a CPU-time limit can hit an equivalent mutant, so they are not counted as kills."""
     results = _results(work, modules)
     status = Counter(STATUS.get(results.get(n), "suspicious") for n in chosen)  # type: ignore[arg-type]
-    checked = status["killed"] + status["survived"] + status["timeout"]
-    killed = status["killed"] + status["timeout"]  # a mutant that hangs the tests is caught
-    print(f"statuses: {dict(sorted(status.items()))}")
-    if checked:
-        print(f"mutation score: {killed}/{checked} = {100.0 * killed / checked:.1f}% of checked mutants killed "
-              f"(wall {time.time() - t0:.0f} s, {max_children} workers)")
-    survivors = [n for n in chosen if STATUS.get(results.get(n)) == "survived"]  # type: ignore[arg-type]
-    report = ROOT / "benchmarks" / "survivors.txt" if work.is_relative_to(ROOT) else work / "survivors.txt"
+    print(f"statuses of the {len(chosen)} sampled: {dict(sorted(status.items()))}")
+    decided = status["killed"] + status["survived"]
+    if decided:
+        print(f"mutation score: {status['killed']}/{decided} = {100.0 * status['killed'] / decided:.1f}% of checked mutants killed "
+              f"(wall {wall:.0f} s, {max_children} workers)")
+    report = work / "survivors.txt"
+    survivors = [n for n in chosen if STATUS.get(results.get(n)) in ("survived", "timeout")]  # type: ignore[arg-type]
     with open(report, "w") as f:
         for name in survivors:
             diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, capture_output=True, text=True).stdout
             f.write(diff + "\n")
     by_function = Counter(n.split("__mutmut_")[0].split(".", 2)[2] for n in survivors)
-    print(f"survivors ({len(survivors)}), by function: {dict(by_function.most_common())}")
+    print(f"survived or timed out ({len(survivors)}), by function: {dict(by_function.most_common())}")
     print(f"their diffs: {report}")
+
+
+def verify(work: Path, names: list[str]) -> None:
+    """Re-apply surviving mutants (their diffs from `survivors.txt`) to a fresh copy of the
+    checkout, one at a time, and run the fast tests on each: after new tests were written,
+    this shows which survivors they kill (mutmut's own cache predates those tests)."""
+    if not names:
+        text = (work / "survivors.txt").read_text()
+        names = [line[2:].split(":")[0] for line in text.splitlines() if line.startswith("# pytest_ckptparity.")]
+    diffs = {n: subprocess.run([sys.executable, "-m", "mutmut", "show", n], cwd=work, capture_output=True, text=True).stdout for n in names}
+    copy = work.with_name(work.name + "-verify")
+    scratch_copy(copy)
+    env = dict(os.environ, PYTHONPATH=str(copy), JAX_PLATFORMS="cpu")
+    deselect = [f"--deselect={d}" for d in DESELECT]
+    newest_first = sorted(TESTS, key=lambda t: -(ROOT / t).stat().st_mtime)
+    killed = 0
+    for name in names:
+        module = name.split(".")[1] + ".py"
+        target = copy / "pytest_ckptparity" / module
+        original = target.read_text()
+        proc = subprocess.run(["patch", "-s", "-p0", "-F3", str(target)], input=diffs[name], cwd=copy, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"  ?  {name}: the diff no longer applies ({proc.stdout.strip() or proc.stderr.strip()})")
+            target.write_text(original)
+            continue
+        run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-W", "ignore", *newest_first, *deselect],
+                             cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
+        target.write_text(original)
+        failed = [l.split(" ")[1] for l in run.stdout.splitlines() if l.startswith("FAILED tests/")]
+        killed += run.returncode != 0
+        print(f"  {'killed' if run.returncode else 'SURVIVED'}  {name}{': ' + failed[0] if failed else ''}")
+    print(f"killed now: {killed}/{len(names)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("all", "slips", "mutmut"), default="all")
+    ap.add_argument("--part", choices=("all", "slips", "mutmut", "verify"), default="all")
+    ap.add_argument("--names", default="", help="verify: comma-separated mutant names (default: every survivor)")
     ap.add_argument("--modules", default="normalize,diff,sources", help="comma-separated modules of pytest_ckptparity")
     ap.add_argument("--sample", type=int, default=160, help="mutants to check (0: all of the listed functions)")
     ap.add_argument("--seed", type=int, default=16)
@@ -237,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/ckptparity-mutation", help="scratch copy (deleted and rewritten)")
     ap.add_argument("--reuse", action="store_true", help="keep the workdir's mutants and test stats from an earlier run")
+    ap.add_argument("--report-only", action="store_true", help="only print the score of an earlier run in the workdir")
     args = ap.parse_args(argv)
     work = Path(args.workdir).resolve()
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
@@ -248,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         run_slips(work.with_name(work.name + "-slips"))
     if args.part in ("all", "mutmut"):
         print("== mutmut ==")
-        run_mutmut(work, modules, args.sample, args.seed, args.budget_min * 60, args.max_children, args.reuse)
+        run_mutmut(work, modules, args.sample, args.seed, args.budget_min * 60, args.max_children, args.reuse, args.report_only)
+    if args.part == "verify":
+        print("== verify ==")
+        verify(work, [n for n in args.names.split(",") if n])
     return 0
 
 

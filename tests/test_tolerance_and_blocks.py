@@ -146,3 +146,43 @@ def test_ini_tolerance_lines_keep_their_order(pytester, order, passes):
     else:
         result.assert_outcomes(failed=1)
         result.stdout.fnmatch_lines(["*params/w  [[]values[]] float32 (1,): 1/1 (100%) elements differ*; atol=0, rtol=0"])
+
+
+# --------------------------------------------------------------------------------------
+# Kernel arithmetic: float64 stays float64, NaN/inf raise no numpy warnings
+# --------------------------------------------------------------------------------------
+
+
+def test_float64_beyond_float32_range_is_compared_in_float64():
+    # In float32 both sides would be inf, and inf equals inf: a difference would vanish.
+    a = {"x": np.array([1e39, 1.0], np.float64)}
+    b = {"x": np.array([2e39, 1.0], np.float64)}
+    with pytest.raises(CkptParityError) as info:
+        assert_ckpt_parity(a, b)
+    (bad,) = info.value.report.mismatches
+    assert bad.stats.n_mismatch == 1 and bad.stats.n_nonfinite == 0 and bad.stats.worst_index == (0,)
+    assert "worst at index (0,): A=1e+39 B=2e+39" in str(info.value)
+    assert "max abs diff 1e+39" in str(info.value)
+    # Within float64's tolerance, far from float32's precision: still a pass.
+    assert_ckpt_parity({"x": np.array([1.0 + 1e-8], np.float64)}, {"x": np.array([1.0], np.float64)})
+
+
+def test_nan_and_inf_pairs_raise_no_numpy_warnings(recwarn):
+    a = {"x": np.array([np.inf, np.nan, 1.0, -np.inf, 0.0], np.float32)}
+    b = {"x": np.array([np.inf, 0.0, -np.inf, -np.inf, 0.0], np.float32)}
+    report = compare_checkpoints(a, b)
+    (bad,) = report.mismatches
+    assert bad.stats.n_mismatch == 2 and bad.stats.n_nonfinite == 2 and bad.stats.first_indices == ((1,), (2,))
+    assert compare_checkpoints(a, a).passed
+    assert [str(w.message) for w in recwarn.list if issubclass(w.category, RuntimeWarning)] == []
+
+
+def test_difference_stats_cover_finite_pairs_only():
+    a = {"x": np.array([np.inf, 1.5, 2.0, np.nan], np.float32)}
+    b = {"x": np.array([1.0, 1.0, 2.0, 3.0], np.float32)}
+    with pytest.raises(CkptParityError) as info:
+        assert_ckpt_parity(a, b)
+    (bad,) = info.value.report.mismatches
+    assert (bad.stats.n_mismatch, bad.stats.n_nonfinite, bad.stats.max_abs, bad.stats.max_rel) == (3, 2, 0.5, 0.5)
+    assert bad.stats.worst_index == (1,)  # the finite mismatch stands for the leaf
+    assert "3/4 (75%) elements differ; 2 of them NaN/inf against a different value; max abs diff 0.5, max rel diff 0.5; worst at index (1,): A=1.5 B=1" in str(info.value)
