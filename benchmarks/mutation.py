@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = [
     "tests/test_diff.py", "tests/test_normalize.py", "tests/test_sources.py", "tests/test_reading.py",
     "tests/test_step_item_selection.py", "tests/test_layer_stacks.py", "tests/test_tolerance_and_blocks.py",
-    "tests/test_properties.py", "tests/test_bad_input.py", "tests/test_leaf_reading.py",
+    "tests/test_properties.py", "tests/test_bad_input.py", "tests/test_leaf_reading.py", "tests/test_layout_detection.py",
 ]
 DESELECT = [
     "tests/test_bad_input.py::test_concurrent_workers_give_the_same_verdict",
