@@ -44,3 +44,29 @@ def test_a_string_missing_from_the_string_store_is_a_damaged_checkpoint(tmp_path
         assert_ckpt_parity(damaged, _tree())
     assert str(info.value) == "A: string leaf 'meta.tags.1' listed in _METADATA is missing from _strings.json; the checkpoint is damaged."
     assert info.value.path == damaged
+
+
+def test_truncated_chunks_name_the_array_and_the_item_folder(tmp_path, copy_ckpt):
+    w = np.arange(1 << 16, dtype=np.float32)
+    path = ex.save(tmp_path / "c", {"params": {"w": w}}, step=0)
+    damaged = copy_ckpt(path, "damaged")
+    item = damaged / "0" / "items"
+    # The chunk data file (the b-tree nodes are small files beside it): cut short, as an
+    # interrupted copy or a full disk leaves it.
+    (data,) = [f for f in item.rglob("*") if f.is_file() and f.parent.name == "d" and f.stat().st_size > w.nbytes // 2]
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(CkptParityUsageError) as info:
+        assert_ckpt_parity(damaged, {"params": {"w": w}})
+    message = str(info.value)
+    assert message.startswith(f"A: could not read array 'params.w' from '{item}' (")
+    assert message.endswith("its data is truncated or corrupt: re-save the checkpoint or pick another step.")
+    assert info.value.path == item
+
+
+def test_a_top_level_leaf_named_like_a_stack_is_compared(tmp_path):
+    tree = {"params": {"w": np.ones(3, np.float32)}, "step": np.int32(2), "dense_layers": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    path = ex.save(tmp_path / "c", tree)
+    report = assert_ckpt_parity(path, tree)
+    assert {r.path for r in report.results} == {"params/w", "step", "dense_layers"}
+    other = dict(tree, dense_layers=tree["dense_layers"] + 1)
+    assert [r.path for r in compare_checkpoints(path, other).mismatches] == ["dense_layers"]
