@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pytest_ckptparity import CkptParityUsageError, assert_ckpt_parity, compare_checkpoints
+from pytest_ckptparity import CkptParityError, CkptParityUsageError, assert_ckpt_parity, compare_checkpoints
 from pytest_ckptparity import examples as ex
 
 
@@ -70,3 +70,22 @@ def test_a_top_level_leaf_named_like_a_stack_is_compared(tmp_path):
     assert {r.path for r in report.results} == {"params/w", "step", "dense_layers"}
     other = dict(tree, dense_layers=tree["dense_layers"] + 1)
     assert [r.path for r in compare_checkpoints(path, other).mismatches] == ["dense_layers"]
+
+
+def test_one_sided_leaves_and_notes_in_the_report(tmp_path):
+    import jax
+
+    a = {"step": np.int32(7), "only_a": np.zeros((2,), np.float32)}
+    b = {"step": np.uint32(8), "only_b": np.zeros((3,), np.int8)}
+    with pytest.raises(CkptParityError) as info:
+        assert_ckpt_parity(a, b, names=("old", "new"))
+    rows = [line.strip() for line in str(info.value).splitlines() if line.startswith("  ")]
+    assert "only_a  [only in A] float32 (2,) vs -: present in old only" in rows
+    assert "only_b  [only in B] - vs int8 (3,): present in new only" in rows
+    (step,) = [r for r in rows if r.startswith("step")]
+    assert step.endswith("worst at index (): old=7 new=8; exact [int32 vs uint32 compared by value]")
+    # A typed PRNG key saved by orbax against its raw key data in memory: the note survives
+    # from the one side that has it.
+    path = ex.save(tmp_path / "keys", {"k": jax.random.key(3)})
+    report = assert_ckpt_parity(path, {"k": np.asarray(jax.random.key_data(jax.random.key(3)))})
+    assert report.results[0].notes == ("PRNG key data (threefry2x32)",)

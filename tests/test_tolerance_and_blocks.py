@@ -105,6 +105,7 @@ def test_tiny_budget_blocks_find_the_first_and_the_last_element(shape):
     (bad,) = report.mismatches
     last = tuple(d - 1 for d in shape)
     assert bad.stats.n_total == a.size
+    assert bad.bytes_read == report.bytes_read == a.nbytes + b.nbytes  # each element read once per side
     assert bad.stats.n_mismatch == 2 and bad.stats.first_indices == ((0,) * len(shape), last)
     assert bad.stats.worst_index == last and (bad.stats.worst_a, bad.stats.worst_b) == (float(a[last]), float(b[last]))
 
