@@ -89,3 +89,13 @@ def test_one_sided_leaves_and_notes_in_the_report(tmp_path):
     path = ex.save(tmp_path / "keys", {"k": jax.random.key(3)})
     report = assert_ckpt_parity(path, {"k": np.asarray(jax.random.key_data(jax.random.key(3)))})
     assert report.results[0].notes == ("PRNG key data (threefry2x32)",)
+
+
+def test_a_structure_only_pass_says_so():
+    from pytest_ckptparity.report import summary_line
+
+    a = {"w": np.zeros(3, np.float32)}
+    report = assert_ckpt_parity(a, {"w": np.ones(3, np.float32)}, compare_values=False)
+    assert report.values_compared is False and report.bytes_read == 0
+    assert summary_line(report) == "checkpoint parity: 1 leaves match in structure, shape and dtype (A vs B)"
+    assert summary_line(assert_ckpt_parity(a, a)) == "checkpoint parity: 1 leaves match (A vs B)"
