@@ -233,6 +233,20 @@ def summarize(work: Path, modules: list[str], chosen: list[str], wall: float, ma
     print(f"their diffs: {report}")
 
 
+def _apply_mutant(diff: str, text: str) -> str | None:
+    """Apply a one-hunk `mutmut show` diff by its removed and added lines. Its line numbers
+    count from the function, and a method's lines are shown one indent shallower."""
+    lines = diff.splitlines()
+    minus = [l[1:] for l in lines if l.startswith("-") and not l.startswith("---")]
+    plus = [l[1:] for l in lines if l.startswith("+") and not l.startswith("+++")]
+    for indent in ("", "    "):
+        old = "\n".join(indent + l if l else l for l in minus) + "\n"
+        new = "\n".join(indent + l if l else l for l in plus) + "\n"
+        if text.count(old) == 1:
+            return text.replace(old, new)
+    return None
+
+
 def verify(work: Path, names: list[str]) -> None:
     """Re-apply surviving mutants (their diffs from `survivors.txt`) to a fresh copy of the
     checkout, one at a time, and run the fast tests on each: after new tests were written,
@@ -251,11 +265,11 @@ def verify(work: Path, names: list[str]) -> None:
         module = name.split(".")[1] + ".py"
         target = copy / "pytest_ckptparity" / module
         original = target.read_text()
-        proc = subprocess.run(["patch", "-s", "-p0", "-F3", str(target)], input=diffs[name], cwd=copy, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"  ?  {name}: the diff no longer applies ({proc.stdout.strip() or proc.stderr.strip()})")
-            target.write_text(original)
+        mutated = _apply_mutant(diffs[name], original)
+        if mutated is None:
+            print(f"  ?  {name}: its change is not found once in today's {module} (the code moved)")
             continue
+        target.write_text(mutated)
         run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-W", "ignore", *newest_first, *deselect],
                              cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
         target.write_text(original)
