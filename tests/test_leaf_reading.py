@@ -4,6 +4,7 @@ string store. Written by orbax, compared against the same tree in memory."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,24 +14,24 @@ from pytest_ckptparity import examples as ex
 
 
 def _tree(name: str = "run-7") -> dict:
-    return {
+    return {"params": {
         "meta": {"name": name, "tags": ["a", "b"]},
         "w": [np.ones((2, 3), np.float32), {"k": np.arange(4, dtype=np.int32)}],
-    }
+    }}
 
 
 def test_nested_strings_and_lists_of_a_plain_tree(tmp_path):
     path = ex.save(tmp_path / "c", _tree())
     report = assert_ckpt_parity(path, _tree())
-    assert [r.path for r in report.results] == ["meta/name", "meta/tags/0", "meta/tags/1", "w/0", "w/1/k"]
+    assert [r.path for r in report.results] == ["params/meta/name", "params/meta/tags/0", "params/meta/tags/1", "params/w/0", "params/w/1/k"]
     assert_ckpt_parity(_tree(), path)
     report = compare_checkpoints(path, _tree("run-8"))
     (bad,) = report.mismatches
-    assert bad.path == "meta/name" and (bad.stats.worst_a, bad.stats.worst_b) == ("run-7", "run-8")
+    assert bad.path == "params/meta/name" and (bad.stats.worst_a, bad.stats.worst_b) == ("run-7", "run-8")
     other = _tree()
-    other["w"][1]["k"] = np.array([0, 1, 2, 9], np.int32)
+    other["params"]["w"][1]["k"] = np.array([0, 1, 2, 9], np.int32)
     (bad,) = compare_checkpoints(path, other).mismatches
-    assert bad.path == "w/1/k" and bad.stats.worst_index == (3,) and (bad.stats.worst_a, bad.stats.worst_b) == (3, 9)
+    assert bad.path == "params/w/1/k" and bad.stats.worst_index == (3,) and (bad.stats.worst_a, bad.stats.worst_b) == (3, 9)
 
 
 def test_a_string_missing_from_the_string_store_is_a_damaged_checkpoint(tmp_path, copy_ckpt):
@@ -38,12 +39,12 @@ def test_a_string_missing_from_the_string_store_is_a_damaged_checkpoint(tmp_path
     damaged = copy_ckpt(path, "damaged")
     store = damaged / "_strings.json"
     strings = json.loads(store.read_text())
-    del strings["meta.tags.1"]  # damage a copy, as a truncated write would
+    del strings["params.meta.tags.1"]  # damage a copy, as a truncated write would
     store.write_text(json.dumps(strings))
     with pytest.raises(CkptParityUsageError) as info:
         assert_ckpt_parity(damaged, _tree())
-    assert str(info.value) == "A: string leaf 'meta.tags.1' listed in _METADATA is missing from _strings.json; the checkpoint is damaged."
-    assert info.value.path == damaged
+    assert str(info.value) == "A: string leaf 'params.meta.tags.1' listed in _METADATA is missing from _strings.json; the checkpoint is damaged."
+    assert os.fspath(info.value.path) == str(damaged)
 
 
 def test_truncated_chunks_name_the_array_and_the_item_folder(tmp_path, copy_ckpt):
@@ -60,7 +61,7 @@ def test_truncated_chunks_name_the_array_and_the_item_folder(tmp_path, copy_ckpt
     message = str(info.value)
     assert message.startswith(f"A: could not read array 'params.w' from '{item}' (")
     assert message.endswith("its data is truncated or corrupt: re-save the checkpoint or pick another step.")
-    assert info.value.path == item
+    assert os.fspath(info.value.path) == str(item)
 
 
 def test_a_top_level_leaf_named_like_a_stack_is_compared(tmp_path):

@@ -67,19 +67,19 @@ def test_complex64_compares_with_float32_tolerance(tmp_path):
     near = base + np.complex64(5e-6)  # within float32's atol 1e-5, far outside float64's 1e-7
     far = base.copy()
     far[1] += np.complex64(1e-3j)
-    saved = ex.save(tmp_path / "c64", {"z": base})  # stored by orbax as complex64
-    assert_ckpt_parity({"z": near}, saved)
+    saved = ex.save(tmp_path / "c64", {"params": {"z": base}})  # stored by orbax as complex64
+    assert_ckpt_parity({"params": {"z": near}}, saved)
     with pytest.raises(CkptParityError) as info:
-        assert_ckpt_parity({"z": far}, saved)
+        assert_ckpt_parity({"params": {"z": far}}, saved)
     (row,) = _rows(info.value)
-    assert row.startswith("z  [values] complex64 (3,): 1/3 (33.3%) elements differ")
+    assert row.startswith("params/z  [values] complex64 (3,): 1/3 (33.3%) elements differ")
     assert row.endswith("atol=1e-05, rtol=1.3e-06")
     assert info.value.report.mismatches[0].stats.worst_index == (1,)
     # complex128 keeps float64's tolerance: the same small shift is a difference there.
     with pytest.raises(CkptParityError) as info:
-        assert_ckpt_parity({"z": near.astype(np.complex128)}, {"z": base.astype(np.complex128)})
+        assert_ckpt_parity({"params": {"z": near.astype(np.complex128)}}, {"params": {"z": base.astype(np.complex128)}})
     (row,) = _rows(info.value)
-    assert row.startswith("z  [values] complex128 (3,): 3/3 (100%) elements differ") and row.endswith("atol=1e-07, rtol=1e-07")
+    assert row.startswith("params/z  [values] complex128 (3,): 3/3 (100%) elements differ") and row.endswith("atol=1e-07, rtol=1e-07")
 
 
 # --------------------------------------------------------------------------------------
