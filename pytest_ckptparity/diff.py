@@ -90,7 +90,13 @@ def resolve_tolerance(path: str, dtype: str, opts: CompareOptions) -> Tolerance:
     """Per-path override, else explicit atol/rtol, else the dtype's default."""
     if _kind(dtype) != "float":
         return EXACT
-    base = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float64"] if "64" in dtype else DEFAULT_TOLERANCES["float32"])
+    base = DEFAULT_TOLERANCES.get(dtype)
+    if base is None:
+        # By the precision of one component: complex64 holds two float32s and gets float32's
+        # tolerance, complex128 float64's. Wider floats (float128) get float64's.
+        np_dtype = _np_dtype(dtype)
+        component = np_dtype.itemsize // 2 if np_dtype.kind == "c" else np_dtype.itemsize
+        base = DEFAULT_TOLERANCES["float64" if component >= 8 else "float32"]
     atol = base.atol if opts.atol is None else float(opts.atol)
     rtol = base.rtol if opts.rtol is None else float(opts.rtol)
     for pattern, override in opts.tolerances.items():
@@ -297,7 +303,7 @@ def _tolerant_piece(pa: np.ndarray, pb: np.ndarray, tol: Tolerance, equal_nan: b
     nothing = (np.empty(0, np.intp), np.empty(0), np.empty(0, bool))  # no mismatch in the piece
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = np.subtract(x, y)
-        d = np.abs(d, out=d) if d.dtype == work else np.abs(d)  # NaN for NaN or inf - inf pairs
+        d = np.abs(d, out=d) if d.dtype.kind == "f" else np.abs(d)  # real for complex; NaN for NaN or inf - inf pairs
         ay = np.abs(y)
         max_abs = d.max()  # NaN if any pair holds a NaN
         if max_abs <= tol.atol:  # all finite and within: only the stats remain

@@ -119,9 +119,13 @@ def test_permission_denied(tmp_path, samples):
         cmd = [sys.executable, "-m", "pytest_ckptparity.cli", str(root), samples["maxtext_decode_scan"]]
         if os.geteuid() == 0:
             drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-            probe = subprocess.run([*drop, sys.executable, "-c", "import pytest_ckptparity"], capture_output=True)
-            if probe.returncode != 0:  # e.g. the clone lives in a 0700 temp dir
-                pytest.skip("an unprivileged user cannot import pytest_ckptparity from this checkout")
+            # Probe what the CLI run below needs, not just the lazy package: the CLI module
+            # and the libraries a comparison imports (numpy, tensorstore, ml_dtypes).
+            needs = "import pytest_ckptparity.cli, pytest_ckptparity.api, numpy, ml_dtypes, tensorstore"
+            probe = subprocess.run([*drop, sys.executable, "-c", needs], capture_output=True, text=True)
+            if probe.returncode != 0:  # e.g. the clone or the virtualenv lives in a 0700 folder
+                last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+                pytest.skip(f"an unprivileged user cannot import what the CLI needs from this checkout ({last})")
             cmd = [*drop, *cmd]
             os.chmod(tmp_path, 0o755)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
