@@ -18,6 +18,7 @@ ONLY_IN_B = "only in B"
 SHAPE = "shape"
 DTYPE = "dtype"
 VALUES = "values"
+FINGERPRINT = "statistics"  # values differ from a fingerprint: statistics moved beyond tolerance
 
 
 @dataclass(frozen=True)

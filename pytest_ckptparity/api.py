@@ -142,8 +142,7 @@ class Comparison:
         self.checkpoints = (open_checkpoint(a, step=step, name=na), open_checkpoint(b, step=step, name=nb))
         kw = dict(rename=rules, ignore=ignore_globs, ignore_rngs=ignore_rngs, scan_axis=scan_axis)
         self.views: tuple[NormalizedView, NormalizedView] = (
-            normalize(self.checkpoints[0], layout=format_a, **kw),
-            normalize(self.checkpoints[1], layout=format_b, **kw),
+            _normalize(self.checkpoints[0], format_a, kw), _normalize(self.checkpoints[1], format_b, kw),
         )
         # Explicit names win; otherwise an opened checkpoint (a fixture) keeps its own name.
         for view, default, explicit in zip(self.views, ("A", "B"), (na, nb)):
@@ -151,7 +150,12 @@ class Comparison:
                 view.display_name = explicit
 
     def run(self, selection: Optional[Iterable[Selection]] = None) -> ParityReport:
-        report = diff_views(self.views[0], self.views[1], self.options, selection)
+        if any(getattr(v.checkpoint, "is_fingerprint", False) for v in self.views):
+            from pytest_ckptparity.fingerprint_diff import diff_with_fingerprint  # a side holds statistics, not arrays
+
+            report = diff_with_fingerprint(self.views[0], self.views[1], self.options, selection)
+        else:
+            report = diff_views(self.views[0], self.views[1], self.options, selection)
         for fn in list(_listeners):
             fn(report)
         return report
@@ -195,6 +199,12 @@ class Comparison:
             key = _item_key(path, how)
             add((key, -1, ""), key, path)
         return [(name, [Selection(tuple(ps), layers)]) for _, (name, ps, layers) in sorted(parts.items())]
+
+
+def _normalize(ckpt: Checkpoint, layout: Union[str, Layout, None], kw: dict[str, Any]) -> NormalizedView:
+    """A fingerprint holds its canonical view already; any other source is normalized."""
+    own = getattr(ckpt, "canonical_view", None)
+    return own(**kw) if own is not None else normalize(ckpt, layout=layout, **kw)
 
 
 def _item_key(path: str, how: str) -> str:
