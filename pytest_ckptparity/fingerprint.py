@@ -303,7 +303,6 @@ def fingerprint_view(
         for block in _blocks(extent, chunk_alignment(leaf, leaf), item, block_budget):
             work.append((leaf, block, math.prod(s.stop - s.start for s in block) * item))
 
-    touched: dict[str, set[int]] = {p: set() for p in accs}
     bytes_read = 0
     leaf_bytes: dict[str, int] = {}
     for leaf, block, data, nbytes in _read_ahead(view, work, read_budget):
@@ -314,7 +313,7 @@ def fingerprint_view(
             acc.count = 1
             acc.digest = int.from_bytes(hashlib.blake2b(str(data).encode(), digest_size=8).digest(), "little")
             continue
-        _fold_block(leaf, block, data, accs[leaf.path], touched[leaf.path])
+        _fold_block(leaf, block, data, accs[leaf.path])
 
     prints: dict[str, LeafPrint] = {}
     for path in wanted:
@@ -342,7 +341,7 @@ def fingerprint_view(
     )
 
 
-def _fold_block(leaf: LogicalLeaf, block: tuple[slice, ...], data: Any, parts: list[_Acc], touched: set[int]) -> None:
+def _fold_block(leaf: LogicalLeaf, block: tuple[slice, ...], data: Any, parts: list[_Acc]) -> None:
     """Fold one block into the per-layer (or whole-leaf) accumulators, piece by piece, pieces
     spread over the thread pool and merged in order."""
     strides = _strides(leaf.shape)
@@ -367,7 +366,6 @@ def _fold_block(leaf: LogicalLeaf, block: tuple[slice, ...], data: Any, parts: l
     results = map(work, jobs) if len(jobs) == 1 else _pool().map(work, jobs)
     for (index, _, _), acc in zip(jobs, results):
         parts[index].merge(acc)
-        touched.add(index)
 
 
 # --------------------------------------------------------------------------------------
