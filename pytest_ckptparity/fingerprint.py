@@ -133,8 +133,9 @@ def _bits(x: np.ndarray) -> np.ndarray:
     size = x.dtype.itemsize
     if size > 8:  # complex128 and the like: one 64-bit word per part, in order
         raise CkptParityUsageError(f"dtype {x.dtype} is not supported in fingerprints yet; exclude the leaf.")
-    u = x.view(f"<u{size}") if x.dtype.byteorder != ">" else x.astype(x.dtype.newbyteorder("<")).view(f"<u{size}")
-    return u.astype(np.uint64)
+    if x.dtype.byteorder == ">":
+        x = x.astype(x.dtype.newbyteorder("<"))
+    return x.view(f"<u{size}")  # added to uint64 as is: no widened copy
 
 
 _offset_cache: dict[tuple, np.ndarray] = {}
@@ -159,10 +160,10 @@ def _offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
 
 def _digest(x: np.ndarray, base: int, strides: tuple[int, ...]) -> int:
     """sum(mix64(bits + (base + offset) * G)) mod 2**64 over one piece."""
-    z = _bits(x).reshape(-1)  # a fresh array: worked on in place
     with np.errstate(over="ignore"):
-        z += _offsets(x.shape, strides)
-        z += np.uint64((base * int(_G)) & _MASK)
+        z = np.add(_offsets(x.shape, strides), np.uint64((base * int(_G)) & _MASK))
+        bits = _bits(x).reshape(-1)
+        z += bits
         t = z >> np.uint64(30)
         z ^= t
         z *= _C1
@@ -182,27 +183,26 @@ def _piece_acc(x: np.ndarray, base: int, strides: tuple[int, ...]) -> _Acc:
         return acc
     acc.digest = _digest(x, base, strides)
     y = x.astype(np.float64).reshape(-1)  # exact for every float up to float64, bf16 and fp8 included
-    if x.dtype.kind not in "iub":
+    total = float(y.sum())
+    if not math.isfinite(total):  # a NaN or inf among the elements (or a float64 overflow)
         finite = np.isfinite(y)
-        if not finite.all():
-            nan = np.isnan(y)
-            acc.nan = int(np.count_nonzero(nan))
-            acc.posinf = int(np.count_nonzero(y == np.inf))
-            acc.neginf = int(np.count_nonzero(y == -np.inf))
-            y = y[finite]
-            if not y.size:
-                return acc
+        acc.nan = int(np.count_nonzero(np.isnan(y)))
+        acc.posinf = int(np.count_nonzero(y == np.inf))
+        acc.neginf = int(np.count_nonzero(y == -np.inf))
+        y = y[finite]
+        if not y.size:
+            return acc
+        total = float(y.sum())
     acc.n = int(y.size)
-    acc.mean = float(y.sum()) / acc.n
+    acc.mean = total / acc.n
     acc.min = float(y.min())
     acc.max = float(y.max())
+    # No np.dot: BLAS threads would fight the piece pool, and their summation order varies.
     t = np.abs(y)
     acc.sum_abs = float(t.sum())
-    np.multiply(y, y, out=t)
-    acc.sumsq = float(t.sum())
+    acc.sumsq = float(np.multiply(y, y, out=t).sum())
     np.subtract(y, acc.mean, out=t)
-    np.multiply(t, t, out=t)
-    acc.m2 = float(t.sum())
+    acc.m2 = float(np.multiply(t, t, out=t).sum())
     return acc
 
 

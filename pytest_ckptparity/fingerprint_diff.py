@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any, Iterable, Optional
 
 from pytest_ckptparity._model import FINGERPRINT, LeafResult, ParityReport, Tolerance, ValueStats
+from pytest_ckptparity._paths import any_match, in_scope
 from pytest_ckptparity.diff import CompareOptions, Selection, _kind, _structural, resolve_tolerance, scoped_paths
 from pytest_ckptparity.fingerprint import _MASK, Fingerprint, FingerprintView, LeafPrint, Stats, fingerprint_view
 from pytest_ckptparity.normalize import NormalizedView
@@ -173,10 +175,13 @@ def diff_with_fingerprint(
     on the fly, reading each stored chunk once)."""
     t0 = time.perf_counter()
     paths, ignored = scoped_paths(va, vb, opts)
+    scope_notes, outside = _fingerprint_scope(va, vb)
+    kept = [p for p in paths if p not in outside]
+    ignored += len(paths) - len(kept)
     if selection is None:
-        wanted = [(p, None) for p in paths]
+        wanted = [(p, None) for p in kept]
     else:
-        wanted = [(p, sel.layer_range) for sel in selection for p in sel.paths]
+        wanted = [(p, sel.layer_range) for sel in selection for p in sel.paths if p not in outside]
 
     results: list[LeafResult] = []
     valued: list[tuple[int, str, Optional[tuple[int, int]], Any, Any, Optional[str], tuple[str, ...]]] = []
@@ -186,7 +191,7 @@ def diff_with_fingerprint(
         if la is None or lb is None or la.layers is None or lb.layers is None:
             layer_range = None
         if done is not None:
-            results.append(done)
+            results.append(replace(done, layer_range=layer_range) if done.layers is not None else done)
             continue
         if not opts.compare_values:
             results.append(LeafResult(path, None, shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype, layers=la.layers, layer_range=layer_range, notes=notes))
@@ -218,6 +223,7 @@ def diff_with_fingerprint(
         names=(va.name, vb.name), layouts=(va.describe(), vb.describe()), results=results,
         ignored=ignored if selection is None else 0, values_compared=opts.compare_values,
     )
+    report.notes.extend(scope_notes)
     if loose:
         worst_res = max(r for _, r in loose)
         report.notes.append(
@@ -226,6 +232,26 @@ def diff_with_fingerprint(
         )
     report.wall_time = time.perf_counter() - t0
     return report
+
+
+def _fingerprint_scope(va: NormalizedView, vb: NormalizedView) -> tuple[list[str], set[str]]:
+    """A fingerprint taken with include/exclude/ignore holds only that part of the model: the
+    other side's leaves outside that scope are left out (and the report says so), instead of
+    failing as present on one side only."""
+    notes: list[str] = []
+    outside: set[str] = set()
+    for view, other in ((va, vb), (vb, va)):
+        if not isinstance(view, FingerprintView):
+            continue
+        scope = view.fingerprint.scope
+        inc, exc, ign = tuple(scope.get("include", ())), tuple(scope.get("exclude", ())), tuple(scope.get("ignore", ()))
+        if not (inc or exc or ign):
+            continue
+        out = {p for p in other.leaves if p not in view.leaves and not (in_scope(p, inc, exc) and not any_match(p, ign))}
+        outside |= out
+        desc = ", ".join(f"{k}={list(v)}" for k, v in (("include", inc), ("exclude", exc), ("ignore", ign)) if v)
+        notes.append(f"{view.name} is a fingerprint taken with {desc}: {len(out)} leaves of {other.name} outside it are left out")
+    return notes, outside
 
 
 def is_fingerprint_view(view: Any) -> bool:

@@ -474,3 +474,12 @@ def test_generated_items_accept_a_fingerprint_as_b(pytester, demo_ckpts, tmp_pat
     bad = run(pytester, f"--ckpt-a={demo_ckpts['nnx_drift']}", f"--ckpt-b={golden}")
     assert bad.ret == 1
     bad.stdout.fnmatch_lines_random(["FAILED ckpt-parity::params/decoder/layers[[]1[]]*"])
+
+
+def test_a_scoped_fingerprint_checks_only_its_scope_and_says_so(variants, tmp_path):
+    golden = write_fingerprint(take_fingerprint(variants["linen_scan"], include="params"), tmp_path / "params.json")
+    report = compare_checkpoints(variants["nnx_pure"], str(golden))
+    assert report.passed and len(report.results) == 12
+    assert "B is a fingerprint taken with include=['params']: 27 leaves of A outside it are left out" in report.notes
+    with pytest.raises(CkptParityUsageError, match="no leaf of .* is in scope"):
+        take_fingerprint(variants["linen_scan"], include="nothing/**")
