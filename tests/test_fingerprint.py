@@ -23,7 +23,7 @@ from pytest_ckptparity.fingerprint import (
 from pytest_ckptparity.fingerprint_diff import allowances, resolution
 
 XDIST = [pytest.param([], id="no-xdist"), pytest.param(["-n", "2"], id="n2")]
-PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def reference_digest(canonical: np.ndarray, offset: int = 0) -> int:
@@ -116,6 +116,8 @@ def test_digest_and_stats_follow_their_definition_whatever_the_chunking(tmp_path
                 assert getattr(got, k) == pytest.approx(v, rel=1e-12, abs=1e-15), (k, i)
         assert sum(lp.layer_digests) % 2**64 == lp.digest
     assert {k: v.digest for k, v in a.leaves.items()} == {k: v.digest for k, v in b.leaves.items()}
+    every_byte = sum(math.prod(l.shape) * np.dtype(l.dtype).itemsize for l in a.leaves.values())
+    assert a.bytes_read == b.bytes_read == every_byte  # every element read once, whatever the budget
     emb = a.leaves["params/token_embedder/embedding"]
     assert emb.digest == reference_digest(p["token_embedder"]["embedding"])
 
