@@ -136,8 +136,8 @@ def test_bf16_fp8_integers_and_nonfinite_are_exact():
     s = fp.leaves["params/odd"].stats
     assert (s.count, s.nan, s.posinf, s.neginf, s.min, s.max, s.mean) == (5, 1, 1, 1, -2.0, 1.0, -0.5)
     # Integers hash by value: int32 7 and int64 7 agree; -1 is sign-extended, not 0xffffffff.
-    small = take_fingerprint({"a": np.array([7, -1], np.int32)}).leaves["a"].digest
-    assert small == take_fingerprint({"a": np.array([7, -1], np.int64)}).leaves["a"].digest
+    small = take_fingerprint({"params": {"a": np.array([7, -1], np.int32)}}).leaves["params/a"].digest
+    assert small == take_fingerprint({"params": {"a": np.array([7, -1], np.int64)}}).leaves["params/a"].digest
 
 
 # --------------------------------------------------------------------------------------
