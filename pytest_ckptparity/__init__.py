@@ -33,6 +33,10 @@ _EXPORTS = {
     "unregister_layout": "normalize",
     "known_layouts": "normalize",
     "render": "report",
+    "assert_ckpt_fingerprint": "fingerprint",
+    "take_fingerprint": "fingerprint",
+    "write_fingerprint": "fingerprint",
+    "read_fingerprint": "fingerprint",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -56,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pytest_ckptparity.api import Comparison, assert_ckpt_parity, compare_checkpoints
     from pytest_ckptparity.diff import DEFAULT_TOLERANCES
     from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
+    from pytest_ckptparity.fingerprint import assert_ckpt_fingerprint, read_fingerprint, take_fingerprint, write_fingerprint
     from pytest_ckptparity.normalize import Layout, TreeFacts, known_layouts, register_layout, unregister_layout
     from pytest_ckptparity.report import render
     from pytest_ckptparity.sources import Checkpoint, open_checkpoint

@@ -19,6 +19,7 @@ SHAPE = "shape"
 DTYPE = "dtype"
 VALUES = "values"
 LAYOUT = "layout"  # a layer stack against a plain array, or stacks on different axes: never compared
+FINGERPRINT = "statistics"  # values differ from a fingerprint: statistics moved beyond tolerance
 
 
 @dataclass(frozen=True)

@@ -191,8 +191,8 @@ class Comparison:
         )
         kw = dict(rename=rules, ignore=ignore_globs, ignore_rngs=ignore_rngs)
         self.views: tuple[NormalizedView, NormalizedView] = (
-            normalize(self.checkpoints[0], layout=format_a, scan_axis=axes[0], **kw),
-            normalize(self.checkpoints[1], layout=format_b, scan_axis=axes[1], **kw),
+            _normalize(self.checkpoints[0], format_a, {**kw, "scan_axis": axes[0]}),
+            _normalize(self.checkpoints[1], format_b, {**kw, "scan_axis": axes[1]}),
         )
         # Explicit names win; otherwise an opened checkpoint (a fixture) keeps its own name.
         for view, default, explicit in zip(self.views, ("A", "B"), (na, nb)):
@@ -242,7 +242,12 @@ class Comparison:
     def run(self, selection: Optional[Iterable[Selection]] = None, *, notify: bool = True) -> ParityReport:
         """Compare everything in scope, or only `selection` (parts from `split`)."""
         va, vb = self.views
-        report = diff_views(va, vb, self.options, selection)
+        if any(getattr(v.checkpoint, "is_fingerprint", False) for v in self.views):
+            from pytest_ckptparity.fingerprint_diff import diff_with_fingerprint  # a side holds statistics, not arrays
+
+            report = diff_with_fingerprint(va, vb, self.options, selection)
+        else:
+            report = diff_views(va, vb, self.options, selection)
         report.locations = (va.checkpoint.location, vb.checkpoint.location)
         report.steps = (va.checkpoint.step, vb.checkpoint.step)
         report.notes = [*self.notes, *report.notes]
@@ -325,6 +330,12 @@ def _itemsize(dtype: str) -> int:
         return 1
     digits = "".join(c for c in dtype if c.isdigit())
     return max(1, int(digits) // 8) if digits else 1
+
+
+def _normalize(ckpt: Checkpoint, layout: Union[str, Layout, None], kw: dict[str, Any]) -> NormalizedView:
+    """A fingerprint holds its canonical view already; any other source is normalized."""
+    own = getattr(ckpt, "canonical_view", None)
+    return own(**kw) if own is not None else normalize(ckpt, layout=layout, **kw)
 
 
 def _item_key(path: str, how: str) -> str:

@@ -3,6 +3,7 @@
     ckptparity [compare] A B [options]  exit 0 on parity, 1 on mismatch, 2 on usage or read errors
     ckptparity inspect PATH             detected layout and the normalized tree, from metadata only
     ckptparity demo                     write example checkpoints to a temp dir; one pass, one failure
+    ckptparity fingerprint CKPT -o FILE.json   write a fingerprint; `ckptparity A FILE.json` checks against it
     python -m pytest_ckptparity ...     the same
 
 Paths stay strings from argv to the reader: `gs://bucket/run` is never turned into a Path.
@@ -28,7 +29,7 @@ MORE_HINT = "use -vv or --max-rows 0 to see all"
 def _compare_parser() -> argparse.ArgumentParser:
     from pytest_ckptparity import __version__
 
-    p = argparse.ArgumentParser(prog="ckptparity", description="Assert parity between two model checkpoints. Also: 'ckptparity compare A B' (the same), 'inspect PATH', 'demo'.")
+    p = argparse.ArgumentParser(prog="ckptparity", description="Assert parity between two model checkpoints. Also: 'ckptparity compare A B' (the same), 'inspect PATH', 'demo', 'fingerprint CKPT -o FILE.json'. B may be a fingerprint file.")
     p.add_argument("--version", action="version", version=f"ckptparity {__version__}")
     p.add_argument("a", help="checkpoint A (orbax manager root, step, item or bare folder)")
     p.add_argument("b", help="checkpoint B, the reference: |a-b| <= atol + rtol*|b|")
@@ -242,11 +243,39 @@ def run_demo(argv: Sequence[str]) -> int:
     return EXIT_PARITY if expected else EXIT_MISMATCH
 
 
+def run_fingerprint(argv: Sequence[str]) -> int:
+    """Write a checkpoint's fingerprint file (for `ckptparity A FILE.json` later)."""
+    from pytest_ckptparity.fingerprint import take_fingerprint, write_fingerprint
+
+    p = argparse.ArgumentParser(prog="ckptparity fingerprint", description="Write the fingerprint of a checkpoint: per-leaf (and per-layer) statistics and digests, as JSON.")
+    p.add_argument("path", help="the checkpoint (orbax manager root, step, item or bare folder)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.json", help="where to write the fingerprint")
+    p.add_argument("--step", type=int)
+    p.add_argument("--format", metavar="LAYOUT", help="force a layout")
+    p.add_argument("--include", action="append", metavar="GLOB")
+    p.add_argument("--exclude", action="append", metavar="GLOB")
+    p.add_argument("--compare-rngs", action="store_true", help="include NNX RNG state")
+    p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 256)")
+    args = p.parse_args(argv)
+    if not args.output.endswith(".json"):
+        from pytest_ckptparity.errors import CkptParityUsageError
+
+        raise CkptParityUsageError(f"--output {args.output!r} must end in .json (fingerprint files are found by that suffix).")
+    _return_large_blocks_to_the_os()
+    fp = take_fingerprint(
+        args.path, step=args.step, format=args.format, include=args.include, exclude=args.exclude, ignore_rngs=not args.compare_rngs,
+        **({} if args.read_budget is None else {"read_budget": _budget_bytes(args.read_budget)}),
+    )
+    out = write_fingerprint(fp, args.output)
+    print(f"{out}: fingerprint of {len(fp.leaves)} leaves ({fp.layout}) from {fp.location}, {fp.bytes_read:,} bytes read in {fp.wall_time:.2f} s, {out.stat().st_size:,} bytes written")
+    return EXIT_PARITY
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from pytest_ckptparity.errors import CkptParityUsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"inspect": run_inspect, "demo": run_demo, "compare": run_compare}
+    commands = {"inspect": run_inspect, "demo": run_demo, "compare": run_compare, "fingerprint": run_fingerprint}
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -49,6 +49,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt-format-b", dest="ckpt_format_b", metavar="LAYOUT", help="force B's layout instead of detecting it.")
     g.addoption("--ckpt-compare-rngs", dest="ckpt_compare_rngs", action="store_true", help="also compare NNX RNG state (ignored by default).")
     g.addoption("--ckpt-read-budget", dest="ckpt_read_budget", metavar="MIB", help="decoded array data held at once per comparison, in MiB (default: 256; a larger stored chunk is still read whole).")
+    g.addoption("--ckpt-update-fingerprints", dest="ckpt_update_fingerprints", action="store_true", help="write or refresh the ckpt_fingerprint files instead of asserting against them; delete unused ones.")
     parser.addini("ckpt_atol", "absolute tolerance for checkpoint parity (--ckpt-atol or --atol wins).", default="")
     parser.addini("ckpt_rtol", "relative tolerance for checkpoint parity (--ckpt-rtol or --rtol wins).", default="")
     parser.addini("ckpt_tolerances", "per-path tolerances, one 'glob atol rtol' per line.", type="linelist", default=[])
@@ -103,6 +104,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[listener_key] = record
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistMerge(config), "ckptparity-xdist")
+    from pytest_ckptparity._fingerprint_plugin import FingerprintTracker
+
+    config.pluginmanager.register(FingerprintTracker(config), "ckptparity-fingerprints")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -340,6 +344,24 @@ def ckpt_pair(request: pytest.FixtureRequest) -> CkptPair:
         raise pytest.UsageError("the ckpt_pair fixture needs @pytest.mark.ckpt_matrix('name1', 'name2', ...) on the test.")
     name_a, name_b = request.param
     return CkptPair(name_a, name_b, _named(request.config, name_a), _named(request.config, name_b))
+
+
+@pytest.fixture
+def ckpt_fingerprint(request: pytest.FixtureRequest) -> Any:
+    """Check a checkpoint or live tree against this test's fingerprint file (golden file).
+
+    The file is ``<test dir>/__fingerprints__/<module>/<test name>.json`` (further calls:
+    ``<test name>.1.json``, or ``name="x"`` gives ``<test name>.x.json``). Run pytest with
+    ``--ckpt-update-fingerprints`` to write or refresh the files; without it a missing file fails.
+
+    Example::
+
+        def test_checkpoint_is_unchanged(ckpt_fingerprint):
+            ckpt_fingerprint("runs/nnx/checkpoints", rtol=1e-5)
+    """
+    from pytest_ckptparity._fingerprint_plugin import FingerprintFixture
+
+    return FingerprintFixture(request, request.config.stash[settings_key].helper_kwargs)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

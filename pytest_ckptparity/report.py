@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from pytest_ckptparity._model import DTYPE, LAYOUT, ONLY_IN_A, ONLY_IN_B, VALUES, LeafResult, ParityReport
+from pytest_ckptparity._model import DTYPE, FINGERPRINT, LAYOUT, ONLY_IN_A, ONLY_IN_B, VALUES, LeafResult, ParityReport
 
 DEFAULT_MAX_ROWS = 20  # rows before "... and K more"; pytest -v raises it, -vv shows all
 
@@ -82,6 +82,8 @@ def describe_mismatch(r: LeafResult, names: tuple[str, str] = ("A", "B")) -> str
         if r.tolerance is not None:
             parts.append(r.tolerance.describe())
         text = "; ".join(parts)
+    elif r.kind == FINGERPRINT:  # against a fingerprint: the notes say which statistics moved
+        return f"{'; '.join(r.notes)}; {r.tolerance.describe() if r.tolerance else ''}".rstrip("; ")
     elif r.kind == "shape":
         text = f"shape {tuple(r.shape_a)} vs {tuple(r.shape_b)}"
     elif r.kind == "dtype":

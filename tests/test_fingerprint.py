@@ -1,0 +1,490 @@
+"""Fingerprints: taken on real orbax checkpoints of every layout, the file format and its
+checks, the verdict rule (property-tested), the CLI and the pytest surface (pytester, with
+and without xdist)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from pytest_ckptparity import CkptParityError, CkptParityUsageError, assert_ckpt_fingerprint, compare_checkpoints
+from pytest_ckptparity.fingerprint import (
+    STAT_FIELDS, Fingerprint, LeafPrint, Stats, from_json, read_fingerprint, take_fingerprint, to_json, write_fingerprint,
+)
+from pytest_ckptparity.fingerprint_diff import allowances, resolution
+
+XDIST = [pytest.param([], id="no-xdist"), pytest.param(["-n", "2"], id="n2")]
+PROPS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def reference_digest(canonical: np.ndarray, offset: int = 0) -> int:
+    """The digest as documented, computed the slow obvious way over a canonical array (or a
+    layer of one, whose first element sits at flat position `offset` of its leaf)."""
+    a = np.ascontiguousarray(canonical).reshape(-1)
+    if a.dtype.kind == "i":
+        bits = [int(v) & (2**64 - 1) for v in a.astype(np.int64)]
+    elif a.dtype.kind in "ub":
+        bits = [int(v) for v in a.astype(np.uint64)]
+    else:
+        bits = [int(v) for v in a.view(f"<u{a.dtype.itemsize}")]
+    total = 0
+    for i, b in enumerate(bits):
+        z = (b + (offset + i) * 0x9E3779B97F4A7C15) & (2**64 - 1)
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        total = (total + (z ^ (z >> 31))) & (2**64 - 1)
+    return total
+
+
+def numpy_stats(x: np.ndarray) -> dict[str, float]:
+    y = np.asarray(x).astype(np.float64).reshape(-1)
+    return {"count": y.size, "min": y.min(), "max": y.max(), "mean": y.mean(), "std": y.std(), "l2": float(np.sqrt((y * y).sum())), "sum_abs": np.abs(y).sum()}
+
+
+# --------------------------------------------------------------------------------------
+# Taking fingerprints of real checkpoints
+# --------------------------------------------------------------------------------------
+
+
+def test_every_layout_of_one_model_has_one_fingerprint(variants):
+    prints = {name: take_fingerprint(path) for name, path in variants.items()}
+    full = ["linen_scan", "linen_noscan", "nnx_wrapped", "nnx_wrapped_scan", "nnx_pure", "nnx_pure_intkeys", "maxtext"]
+    ref = prints["linen_scan"]
+    assert len(ref.leaves) == 39
+    for name in full:
+        fp = prints[name]
+        assert set(fp.leaves) == set(ref.leaves), name
+        for path, lp in ref.leaves.items():
+            other = fp.leaves[path]
+            assert (other.shape, other.digest, other.layer_digests) == (lp.shape, lp.digest, lp.layer_digests), (name, path)
+            counter = path.rsplit("/", 1)[-1] in ("step", "count")  # int32 in Linen, uint32 in NNX: hashed by value
+            assert other.dtype == lp.dtype or counter, (name, path)
+            for s, t in zip((other.stats, *other.layer_stats), (lp.stats, *lp.layer_stats)):
+                assert s.row() == pytest.approx(t.row(), rel=1e-12, abs=1e-15), (name, path)
+    # bf16 decode checkpoints, scanned and unrolled: one fingerprint, and their params differ from float32's.
+    ds, du = prints["decode_scan"], prints["decode_unroll"]
+    assert {p: l.digest for p, l in ds.leaves.items()} == {p: l.digest for p, l in du.leaves.items()}
+    assert ds.leaves["params/decoder/layers/mlp/wo/kernel"].dtype == "bfloat16"
+    assert ds.leaves["params/decoder/layers/mlp/wo/kernel"].digest != ref.leaves["params/decoder/layers/mlp/wo/kernel"].digest
+    layered = ref.leaves["params/decoder/layers/mlp/wi_0/kernel"]
+    assert layered.layers == 2 and layered.stack == "params/decoder/layers" and len(layered.layer_stats) == 2
+
+
+def test_maxtext_samples_against_fingerprints(samples, tmp_path):
+    # The MaxText decode checkpoints, stacked and unrolled, hold the same bf16 weights.
+    ds, du = take_fingerprint(samples["maxtext_decode_scan"]), take_fingerprint(samples["maxtext_decode_unroll"])
+    assert len(ds.leaves) == 12 and {p: l.digest for p, l in ds.leaves.items()} == {p: l.digest for p, l in du.leaves.items()}
+    # They are the scanned training weights cast to bf16: within bf16's tolerance of its fingerprint.
+    golden = write_fingerprint(take_fingerprint(samples["maxtext_nnx_scan"]), tmp_path / "nnx_scan.json")
+    report = compare_checkpoints(samples["maxtext_decode_unroll"], str(golden), dtype_policy="cast", include="params")
+    assert report.passed and len(report.results) == 12
+    # The unscanned sample was initialised from another seed: every weight leaf fails, per layer.
+    report = compare_checkpoints(samples["maxtext_nnx_noscan"], str(golden), include="params")
+    bad = {r.path: r.stats.mismatched_layers for r in report.mismatches}
+    assert bad["params/decoder/layers/mlp/wi_0/kernel"] == (0, 1)
+    assert "params/decoder/decoder_norm/scale" not in bad  # ones in both: identical
+
+
+def test_digest_and_stats_follow_their_definition_whatever_the_chunking(tmp_path):
+    from pytest_ckptparity import examples as ex
+
+    p = ex.tiny_params(3, layers=3, emb=24, mlp=40)
+    whole = ex.save(tmp_path / "whole", {"params": p}, step=1)
+    chunked = ex.save(tmp_path / "chunked", {"params": p}, step=1, chunk_byte_size=1024)
+    a = take_fingerprint(whole)
+    b = take_fingerprint(chunked, read_budget=8 * 1024)  # many blocks, each a few chunks
+    wi = p["decoder"]["layers"]["mlp"]["wi_0"]["kernel"]  # stored (emb, layers, mlp); canonical layer first
+    canonical = np.moveaxis(wi, 1, 0)
+    for fp in (a, b):
+        lp = fp.leaves["params/decoder/layers/mlp/wi_0/kernel"]
+        assert lp.digest == reference_digest(canonical)
+        size = canonical[0].size
+        assert lp.layer_digests == tuple(reference_digest(canonical[i], i * size) for i in range(3))
+        for i in range(3):
+            expected = numpy_stats(canonical[i])
+            got = lp.layer_stats[i]
+            for k, v in expected.items():
+                assert getattr(got, k) == pytest.approx(v, rel=1e-12, abs=1e-15), (k, i)
+        assert sum(lp.layer_digests) % 2**64 == lp.digest
+    assert {k: v.digest for k, v in a.leaves.items()} == {k: v.digest for k, v in b.leaves.items()}
+    every_byte = sum(math.prod(l.shape) * np.dtype(l.dtype).itemsize for l in a.leaves.values())
+    assert a.bytes_read == b.bytes_read == every_byte  # every element read once, whatever the budget
+    emb = a.leaves["params/token_embedder/embedding"]
+    assert emb.digest == reference_digest(p["token_embedder"]["embedding"])
+
+
+def test_bf16_fp8_integers_and_nonfinite_are_exact():
+    bf = np.array([[1.5, -2.25], [3.0e38, 7.0e-3]], ml_dtypes.bfloat16)
+    f8 = np.array([0.5, -448.0, 1.125], ml_dtypes.float8_e4m3fn)
+    ints = np.array([-3, 7, 2**40], np.int64)
+    odd = np.array([1.0, np.nan, np.inf, -np.inf, -2.0], np.float32)
+    fp = take_fingerprint({"params": {"bf": bf, "f8": f8, "i": ints, "odd": odd}})
+    for key, arr in (("bf", bf), ("f8", f8), ("i", ints)):
+        lp = fp.leaves[f"params/{key}"]
+        assert lp.digest == reference_digest(arr), key
+        exact = numpy_stats(arr)
+        assert lp.stats.min == exact["min"] and lp.stats.max == exact["max"] and lp.stats.sum_abs == exact["sum_abs"], key
+    s = fp.leaves["params/odd"].stats
+    assert (s.count, s.nan, s.posinf, s.neginf, s.min, s.max, s.mean) == (5, 1, 1, 1, -2.0, 1.0, -0.5)
+    # Integers hash by value: int32 7 and int64 7 agree; -1 is sign-extended, not 0xffffffff.
+    small = take_fingerprint({"params": {"a": np.array([7, -1], np.int32)}}).leaves["params/a"].digest
+    assert small == take_fingerprint({"params": {"a": np.array([7, -1], np.int64)}}).leaves["params/a"].digest
+
+
+# --------------------------------------------------------------------------------------
+# The file
+# --------------------------------------------------------------------------------------
+
+
+def test_file_round_trips_and_is_diff_friendly(variants, tmp_path):
+    fp = take_fingerprint(variants["linen_scan"])
+    path = write_fingerprint(fp, tmp_path / "golden" / "linen.json")
+    text = path.read_text()
+    back = read_fingerprint(path)
+    assert back.leaves == fp.leaves  # floats round-trip exactly
+    assert back.step == 7 and back.layout_name == "linen" and back.tool.startswith("pytest-ckptparity ")
+    data = json.loads(text)
+    assert data["schema"] == 1 and data["stat_fields"] == list(STAT_FIELDS)
+    assert list(data["leaves"]) == sorted(data["leaves"])
+    # One leaf per block, one layer per line: a drift shows as a one-line diff.
+    wi = '  "params/decoder/layers/mlp/wi_0/kernel": {'
+    assert wi in text.splitlines()
+    rows = [l for l in text.splitlines() if l.startswith("    [")]
+    assert len(rows) == 27 * 2 and all(json.loads(l.rstrip(","))[1:4] == [0, 0, 0] for l in rows)
+    assert to_json(back) == text  # writing what was read changes nothing
+    assert not list(path.parent.glob(".*tmp"))  # the temp file was renamed away
+
+
+def _rewrite(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _with_checksum(data: dict) -> None:
+    from pytest_ckptparity.fingerprint import _checksum
+
+    data["checksum"] = _checksum(data["leaves"])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: p.write_text(p.read_text()[:500]), "is not a valid fingerprint file (not JSON: *); regenerate it with --ckpt-update-fingerprints or 'ckptparity fingerprint CKPT -o FILE'."),
+    (lambda p: p.write_text("[1, 2]"), "is not a ckptparity fingerprint file (no \"format\": \"ckptparity-fingerprint\"); pass a file written by 'ckptparity fingerprint'."),
+    (lambda p: _rewrite(p, lambda d: d.update(schema=9)), "was written by a newer pytest-ckptparity; upgrade it."),
+    (lambda p: _rewrite(p, lambda d: d["leaves"]["step"].update(stats=[1, 0, 0, 0, 8.0, 8.0, 8.0, 0.0, 8.0, 8.0])), "was edited by hand or damaged (its checksum does not match its contents); *"),
+    (lambda p: _rewrite(p, lambda d: (d["leaves"]["step"].update(shape=[3]), _with_checksum(d))), "is a damaged fingerprint file (leaf 'step': count 1 does not match the shape (3 elements)); *"),
+    (lambda p: _rewrite(p, lambda d: (d["leaves"]["params/decoder/layers/mlp/wo/kernel"]["layer_digests"].reverse(), d["leaves"]["params/decoder/layers/mlp/wo/kernel"]["layer_digests"].__setitem__(0, "0" * 16), _with_checksum(d))), "is a damaged fingerprint file (leaf 'params/decoder/layers/mlp/wo/kernel': the layer digests do not add up to the leaf digest); *"),
+    (lambda p: p.write_text(p.read_text().replace("[1, 0, 0, 0, 7.0,", "[1, 0, 0, 0, NaN,", 1)), "was edited by hand or damaged (its checksum does not match its contents); *"),
+    (lambda p: _rewrite(p, lambda d: (d["leaves"]["step"].update(digest="xyz"), _with_checksum(d))), "is a damaged fingerprint file (leaf 'step': a digest must be 16 hex digits, got 'xyz'); *"),
+])
+def test_damaged_or_hand_edited_files_get_one_sentence(variants, tmp_path, damage, message):
+    path = write_fingerprint(take_fingerprint(variants["linen_scan"]), tmp_path / "g.json")
+    damage(path)
+    with pytest.raises(CkptParityUsageError) as info:
+        compare_checkpoints(variants["nnx_pure"], str(path))
+    text = str(info.value)
+    assert text.startswith(f"'{path}' ")
+    from fnmatch import fnmatch
+
+    assert fnmatch(text, f"'{path}' {message}"), text
+    assert "\n" not in text
+
+
+def test_a_7b_fingerprint_stays_well_under_a_megabyte():
+    """Llama-2-7B's canonical leaves (MaxText scanned, params + Adam mu and nu), 32 layers,
+    with statistics as long as float64 text gets: the size the defaults give."""
+    rng = np.random.default_rng(0)
+    per_layer = {"self_attention/query/kernel": (4096, 32, 128), "self_attention/key/kernel": (4096, 32, 128), "self_attention/value/kernel": (4096, 32, 128),
+                 "self_attention/out/kernel": (32, 128, 4096), "mlp/wi_0/kernel": (4096, 11008), "mlp/wi_1/kernel": (4096, 11008), "mlp/wo/kernel": (11008, 4096),
+                 "pre_self_attention_layer_norm/scale": (4096,), "post_self_attention_layer_norm/scale": (4096,)}
+    plain = {"token_embedder/embedding": (32000, 4096), "decoder/logits_dense/kernel": (4096, 32000), "decoder/decoder_norm/scale": (4096,)}
+
+    def stats(n: int) -> Stats:
+        v = rng.standard_normal(6) * 0.02
+        return Stats(n, 0, 0, 0, float(-abs(v[0])), float(abs(v[1])), float(v[2]), float(abs(v[3])), float(abs(v[4]) * 1e3), float(abs(v[5]) * 1e5))
+
+    leaves = {}
+    for group in ("params", "opt_state/0/mu", "opt_state/0/nu"):
+        for name, shape in per_layer.items():
+            path = f"{group}/decoder/layers/{name}"
+            n = math.prod(shape)
+            digests = tuple(int(x) for x in rng.integers(0, 2**63, 32))
+            leaves[path] = LeafPrint(path, (32, *shape), "float32", sum(digests) % 2**64, stats(32 * n), 32, f"{group}/decoder/layers", digests, tuple(stats(n) for _ in range(32)))
+        for name, shape in plain.items():
+            path = f"{group}/{name}"
+            leaves[path] = LeafPrint(path, shape, "float32", int(rng.integers(0, 2**63)), stats(math.prod(shape)))
+    size = len(to_json(Fingerprint(leaves, layout="Linen TrainState, scanned on axis 1", layout_name="linen", location="/ckpts/llama2-7b/items", step=1000)).encode())
+    assert size < 200_000, size  # about 163 KB: docs/fingerprints.md quotes it
+
+
+# --------------------------------------------------------------------------------------
+# Verdicts
+# --------------------------------------------------------------------------------------
+
+
+def test_a_planted_change_fails_with_leaf_layer_and_statistics(variants, edited, tmp_path):
+    golden = write_fingerprint(take_fingerprint(variants["linen_scan"]), tmp_path / "golden.json")
+    assert_ckpt_fingerprint(variants["nnx_wrapped"], golden)  # another layout of the same model: identical
+
+    def plant(tree):
+        tree["params"]["params"]["decoder"]["layers"]["mlp"]["wo"]["kernel"][5, 1, 3] = 4.0  # layer 1
+
+    changed = edited(variants["linen_scan"], plant, step=7)
+    with pytest.raises(CkptParityError) as info:
+        assert_ckpt_fingerprint(changed, golden)
+    report = info.value.report
+    assert [r.path for r in report.mismatches] == ["params/decoder/layers/mlp/wo/kernel"]
+    bad = report.mismatches[0]
+    assert bad.kind == "statistics" and bad.stats.mismatched_layers == (1,)
+    text = str(info.value)
+    assert "checkpoint parity failed: 1 of 39 leaves differ: params/decoder/layers/mlp/wo/kernel [layer 1] (statistics)" in text
+    assert "layer 1: max " in text and "(moved +" in text and "allowed " in text
+    assert "layer 0" not in text
+
+
+def test_exact_leaves_fail_on_any_change_and_tolerance_passes_noise(tmp_path):
+    rng = np.random.default_rng(5)
+    b = {"params": {"w": rng.standard_normal((64, 8)).astype(np.float32)}, "step": np.array(3, np.int32)}
+    golden = write_fingerprint(take_fingerprint(b), tmp_path / "g.json")
+    with pytest.raises(CkptParityError, match=r"step  \[statistics\] int32 \(\): leaf: min 3 -> 4 \(moved \+1, allowed 0\), max 3 -> 4"):
+        assert_ckpt_fingerprint({**b, "step": np.array(4, np.int32)}, golden)
+    noisy = {**b, "params": {"w": b["params"]["w"] + np.float32(0.5e-5)}}  # every element moved by atol / 2
+    report = assert_ckpt_fingerprint(noisy, golden)
+    assert report.passed and "not bit-identical" in report.notes[0]
+    with pytest.raises(CkptParityError):  # with zero tolerance the digest decides
+        assert_ckpt_fingerprint(noisy, golden, atol=0, rtol=0)
+
+
+LAYERED = "params/decoder/layers/w"
+
+
+@st.composite
+def models(draw):
+    """A random model: a layer stack (layers on axis 1, as MaxText scans) and a plain leaf."""
+    layers = draw(st.integers(1, 4))
+    d0, d1 = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    tree = {"params": {"decoder": {"layers": {"w": (rng.standard_normal((d0, layers, d1)) * scale).astype(dtype)}}, "dense": (rng.standard_normal(draw(st.integers(1, 40))) * scale).astype(dtype)}}
+    atol = draw(st.sampled_from([0.0, 1e-6, 1e-4, 1e-2]))
+    rtol = draw(st.sampled_from([0.0, 1e-6, 1e-3, 5e-2]))
+    return tree, atol, rtol
+
+
+def _arrays(tree):
+    return {"params/dense": tree["params"]["dense"], LAYERED: tree["params"]["decoder"]["layers"]["w"]}
+
+
+def _copy(tree):
+    return {"params": {"decoder": {"layers": {"w": tree["params"]["decoder"]["layers"]["w"].copy()}}, "dense": tree["params"]["dense"].copy()}}
+
+
+@PROPS
+@given(model=models(), data=st.data())
+def test_noise_within_tolerance_never_fails(model, data, tmp_path_factory):
+    tree, atol, rtol = model
+    golden = write_fingerprint(take_fingerprint(tree), tmp_path_factory.mktemp("fp") / "g.json")
+    pattern = data.draw(st.sampled_from(["up", "down", "random", "alternating"]))
+    frac = data.draw(st.sampled_from([1.0, 0.999, 0.5]))
+    noisy = _copy(tree)
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    for arr in _arrays(noisy).values():
+        t = atol + rtol * np.abs(arr.astype(np.float64))
+        sign = {"up": 1.0, "down": -1.0, "random": rng.uniform(-1, 1, arr.shape), "alternating": np.where(np.arange(arr.size).reshape(arr.shape) % 2, 1.0, -1.0)}[pattern]
+        arr[...] = (arr.astype(np.float64) + sign * frac * t).astype(arr.dtype)
+    assume(compare_checkpoints(noisy, tree, atol=atol, rtol=rtol).passed)  # within tolerance after rounding to the dtype
+    report = compare_checkpoints(noisy, str(golden), atol=atol, rtol=rtol)
+    assert report.passed, [r.notes for r in report.mismatches]
+
+
+@PROPS
+@given(model=models(), data=st.data())
+def test_a_single_change_above_the_resolution_is_always_caught(model, data, tmp_path_factory):
+    tree, atol, rtol = model
+    fp = take_fingerprint(tree)
+    golden = write_fingerprint(fp, tmp_path_factory.mktemp("fp") / "g.json")
+    path = data.draw(st.sampled_from(["params/dense", LAYERED]))
+    changed = _copy(tree)
+    arr = _arrays(changed)[path]
+    index = tuple(data.draw(st.integers(0, n - 1)) for n in arr.shape)
+    layer = index[1] if path == LAYERED else None
+    lp = fp.leaves[path]
+    unit = lp.layer_stats[layer] if layer is not None else lp.stats
+    from pytest_ckptparity.diff import CompareOptions, resolve_tolerance
+
+    tol = resolve_tolerance(path, lp.dtype, CompareOptions(atol=atol, rtol=rtol))
+    kind = data.draw(st.sampled_from(["above resolution", "nan", "inf", "just above tolerance"]))
+    old = float(arr[index])
+    t = atol + rtol * abs(old)
+    exact = atol == 0 and rtol == 0
+    if kind == "nan":
+        arr[index] = np.nan
+    elif kind == "inf":
+        arr[index] = -np.inf
+    else:
+        step = resolution(unit, tol) * 1.01 + 1e-9 if kind == "above resolution" else t * 1.5 + max(abs(old), 1e-30) * 1e-6
+        arr[index] = old + data.draw(st.sampled_from([1.0, -1.0])) * step
+    assume(float(arr[index]) != old or kind in ("nan", "inf"))
+    if kind == "above resolution":  # still above it once rounded to the leaf's dtype
+        assume(abs(float(arr[index]) - old) > resolution(unit, tol))
+    assume(not compare_checkpoints(changed, tree, atol=atol, rtol=rtol).passed)  # above tolerance, after rounding
+    report = compare_checkpoints(changed, str(golden), atol=atol, rtol=rtol)
+    result = next(r for r in report.results if r.path == path)
+    if kind != "just above tolerance" or exact:
+        assert not report.passed and [r.path for r in report.mismatches] == [path]
+        if layer is not None:
+            assert result.stats.mismatched_layers == (layer,)
+    else:  # between tolerance and resolution: never called identical
+        assert not result.ok or any("not bit-identical" in n for n in result.notes)
+
+
+def test_allowances_are_the_documented_bounds():
+    b = Stats(4, 0, 0, 0, -2.0, 3.0, 0.5, 1.8027756377319946, 3.872983346207417, 7.0)
+    from pytest_ckptparity._model import Tolerance
+
+    allow = allowances(b, Tolerance(atol=0.1, rtol=0.01))
+    assert allow["max"] == pytest.approx(0.1 + 0.01 * 3.0, rel=1e-5)
+    assert allow["mean"] == pytest.approx((4 * 0.1 + 0.01 * 7.0) / 4, rel=1e-5)
+    assert allow["l2"] == pytest.approx(math.sqrt(4 * 0.01 + 2 * 0.1 * 0.01 * 7.0 + (0.01 * 3.872983346207417) ** 2), rel=1e-5)
+    assert allow["std"] == pytest.approx(allow["l2"] / 2, rel=1e-5)
+    assert resolution(b, Tolerance(atol=0.1, rtol=0.01)) == pytest.approx(min(4 * allow["mean"], 5.0 + allow["max"]), rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------
+# Command line and pytest
+# --------------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest_ckptparity.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_fingerprint_and_compare_against_it(demo_ckpts, tmp_path):
+    out = tmp_path / "linen.json"
+    r = cli("fingerprint", demo_ckpts["linen"], "-o", str(out))
+    assert r.returncode == 0 and f"{out}: fingerprint of 39 leaves (Linen TrainState, scanned on axis 1)" in r.stdout
+    ok = cli(demo_ckpts["nnx"], str(out), "--color", "no")
+    assert ok.returncode == 0 and "checkpoint parity: 39 leaves match" in ok.stdout
+    assert "fingerprint of Linen TrainState, scanned on axis 1" in ok.stdout
+    bad = cli(demo_ckpts["nnx_drift"], str(out), "--color", "no")
+    assert bad.returncode == 1
+    assert "params/decoder/layers/mlp/wi_0/kernel [layer 1]  [statistics]" in bad.stdout
+    assert "layer 1: mean -0.00219037 -> -0.0012138 (moved +0.000977, allowed 1.03e-05)" in bad.stdout
+    missing = cli(demo_ckpts["nnx"], str(tmp_path / "nope.json"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"ckptparity: error: fingerprint file '{tmp_path / 'nope.json'}' does not exist; create it with 'ckptparity fingerprint CKPT -o {tmp_path / 'nope.json'}' or run pytest with --ckpt-update-fingerprints."
+    wrong = cli("fingerprint", demo_ckpts["linen"], "-o", str(tmp_path / "x.txt"))
+    assert wrong.returncode == 2 and "must end in .json" in wrong.stderr
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args)
+
+
+USER_TESTS = """
+    import pytest
+
+    CKPTS = {ckpts!r}
+
+    def test_linen(ckpt_fingerprint):
+        ckpt_fingerprint(CKPTS["linen"])
+
+    @pytest.mark.parametrize("name", ["nnx", "linen"])
+    def test_layouts(ckpt_fingerprint, name):
+        ckpt_fingerprint(CKPTS[name], name="model")
+        ckpt_fingerprint(CKPTS[name], include="params")
+"""
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_update_writes_then_runs_pass_then_a_drift_fails(pytester, demo_ckpts, xdist):
+    pytester.makepyfile(test_golden=USER_TESTS.format(ckpts=dict(demo_ckpts)))
+    first = run(pytester, *xdist)
+    assert first.ret == 1
+    first.stdout.fnmatch_lines_random([
+        "*fingerprint file '*__fingerprints__/test_golden/test_linen.json' does not exist; run pytest with --ckpt-update-fingerprints to create it.*",
+        "*3 failed*",
+    ])
+    assert "Traceback" not in first.stdout.str()
+    update = run(pytester, "--ckpt-update-fingerprints", *xdist)
+    assert update.ret == 0
+    update.stdout.fnmatch_lines_random(["5 fingerprint files written, 0 unchanged, 0 unused deleted", "*3 passed*"])
+    folder = pytester.path / "__fingerprints__" / "test_golden"
+    assert sorted(p.name for p in folder.iterdir()) == ["test_layouts[linen].1.json", "test_layouts[linen].model.json", "test_layouts[nnx].1.json", "test_layouts[nnx].model.json", "test_linen.json"]
+    assert read_fingerprint(folder / "test_linen.json").leaves == read_fingerprint(folder / "test_layouts[linen].model.json").leaves
+    again = run(pytester, "--ckpt-update-fingerprints", *xdist)
+    again.stdout.fnmatch_lines_random(["0 fingerprint files written, 5 unchanged, 0 unused deleted"])
+    check = run(pytester, *xdist)
+    assert check.ret == 0
+    check.stdout.fnmatch_lines_random(["5 fingerprint files checked, none unused", "*3 passed*"])
+    # The nnx golden files now face a drifted checkpoint.
+    pytester.makepyfile(test_golden=USER_TESTS.format(ckpts={**demo_ckpts, "nnx": demo_ckpts["nnx_drift"]}))
+    drift = run(pytester, *xdist)
+    assert drift.ret == 1
+    drift.stdout.fnmatch_lines_random([
+        "FAILED test_golden.py::test_layouts[[]nnx[]] - pytest_ckptparity.CkptParityError*",
+        "checkpoint parity failed: 1 of 39 leaves differ: params/decoder/layers/mlp/wi_0/kernel [[]layer 1[]] (statistics)",
+        "* layer 1: mean -0.00219037 -> -0.0012138 (moved +0.000977, allowed 1.03e-05)*",
+        "*1 failed, 2 passed*",
+    ])
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_unused_files_are_reported_only_when_their_module_ran_whole(pytester, demo_ckpts, xdist):
+    pytester.makepyfile(test_golden=USER_TESTS.format(ckpts=dict(demo_ckpts)))
+    assert run(pytester, "--ckpt-update-fingerprints", *xdist).ret == 0
+    folder = pytester.path / "__fingerprints__" / "test_golden"
+    (folder / "test_removed.json").write_text((folder / "test_linen.json").read_text())
+    full = run(pytester, *xdist)
+    assert full.ret == 0
+    full.stdout.fnmatch_lines_random([
+        "1 fingerprint files unused (no test uses them; delete them or run with --ckpt-update-fingerprints):",
+        f"  unused: {folder / 'test_removed.json'}",
+    ])
+    selected = run(pytester, "-k", "linen", *xdist)
+    assert selected.ret == 0 and "files unused" not in selected.stdout.str()
+    selected.stdout.fnmatch_lines_random(["3 fingerprint files checked, none unused"])
+    cleanup = run(pytester, "--ckpt-update-fingerprints", *xdist)
+    cleanup.stdout.fnmatch_lines_random(["0 fingerprint files written, 5 unchanged, 1 unused deleted", f"  deleted: {folder / 'test_removed.json'}"])
+    assert not (folder / "test_removed.json").exists()
+
+
+def test_a_damaged_golden_file_fails_its_test_with_one_sentence(pytester, demo_ckpts):
+    pytester.makepyfile(test_golden=USER_TESTS.format(ckpts=dict(demo_ckpts)))
+    assert run(pytester, "--ckpt-update-fingerprints", "-k", "test_linen").ret == 0
+    golden = pytester.path / "__fingerprints__" / "test_golden" / "test_linen.json"
+    golden.write_text(golden.read_text().replace('"dtype": "int32"', '"dtype": "int64"', 1))
+    result = run(pytester, "-k", "test_linen")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines([f"*'{golden}' was edited by hand or damaged (its checksum does not match its contents); regenerate it with --ckpt-update-fingerprints*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_generated_items_accept_a_fingerprint_as_b(pytester, demo_ckpts, tmp_path):
+    golden = write_fingerprint(take_fingerprint(demo_ckpts["nnx"]), tmp_path / "nnx.json")
+    ok = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={golden}", "-n", "2")
+    assert ok.ret == 0
+    ok.stdout.fnmatch_lines_random(["leaves: 39 compared (39 match)"])
+    bad = run(pytester, f"--ckpt-a={demo_ckpts['nnx_drift']}", f"--ckpt-b={golden}")
+    assert bad.ret == 1
+    bad.stdout.fnmatch_lines_random(["FAILED ckpt-parity::params/decoder/layers[[]1[]]*"])
+
+
+def test_a_scoped_fingerprint_checks_only_its_scope_and_says_so(variants, tmp_path):
+    golden = write_fingerprint(take_fingerprint(variants["linen_scan"], include="params"), tmp_path / "params.json")
+    report = compare_checkpoints(variants["nnx_pure"], str(golden))
+    assert report.passed and len(report.results) == 12
+    assert "B is a fingerprint taken with include=['params']: 27 leaves of A outside it are left out" in report.notes
+    with pytest.raises(CkptParityUsageError, match="no leaf of .* is in scope"):
+        take_fingerprint(variants["linen_scan"], include="nothing/**")
