@@ -101,12 +101,14 @@ import json, math, os, sys, itertools, collections, tensorstore as ts
 BUDGET = 256 << 20
 ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
 arrays = []
-for root in sys.argv[1:]:
+for arg in sys.argv[1:]:
+    root, _, prefix = arg.partition("::")  # path::prefix reads only the arrays under prefix
     item = os.path.join(root, "0", "items")
     meta = json.load(open(os.path.join(item, "_METADATA")))
     for e in meta["tree_metadata"].values():
         if e["value_metadata"].get("skip_deserialize") or e["value_metadata"].get("value_type") == "string": continue
         name = ".".join(k["key"] for k in e["key_metadata"])
+        if not name.startswith(prefix): continue
         kv = {"driver": "ocdbt", "base": "file://" + item, "path": name} if meta.get("use_ocdbt", True) else {"driver": "file", "path": os.path.join(item, name)}
         arrays.append(ts.open({"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "kvstore": kv}, open=True, read=True, context=ctx))
 arrays = [a.result() for a in arrays]
@@ -134,21 +136,45 @@ def decodes():
     m = ts.experimental_collect_matching_metrics("/tensorstore/cache/chunk_cache/reads")
     return sum(v["value"] for x in m for v in x["values"])
 from pytest_ckptparity.api import Comparison
-from pytest_ckptparity.diff import CompareOptions
-opts = CompareOptions(dtype_policy=sys.argv[3])
-c = Comparison(sys.argv[1], sys.argv[2], options=opts)
-infos = [v.checkpoint.leaves() for v in c.views]
+from pytest_ckptparity.diff import CompareOptions, scoped_paths
 import math
-stored = 0
-for v, info in zip(c.views, infos):
-    for leaf in v.leaves.values():
-        for raw in leaf.raw_paths:
-            i = info[raw]
-            if i.dtype != "str":
-                stored += math.prod(math.ceil(d / c) for d, c in zip(i.shape, i.chunk_shape or i.shape))
-before = decodes()
-r = c.run()
-print(decodes() - before, stored, int(r.passed))
+out = []
+for stored_bytes in (False, True):
+    c = Comparison(sys.argv[1], sys.argv[2], options=CompareOptions(dtype_policy=sys.argv[3], stored_bytes=stored_bytes))
+    paths, _ = scoped_paths(*c.views, c.options)
+    stored = 0
+    for v in c.views:
+        info = v.checkpoint.leaves()
+        for leaf in (v.leaves[p] for p in paths):
+            for raw in leaf.raw_paths:
+                i = info[raw]
+                if i.dtype != "str":
+                    stored += math.prod(math.ceil(d / c) for d, c in zip(i.shape, i.chunk_shape or i.shape))
+    before = decodes()
+    assert c.run().passed
+    out.append(decodes() - before)
+print(out[0], out[1], stored)
+'''
+
+
+# ckptparity with stored bytes turned off: every chunk decoded and compared as values.
+VALUES = r'''
+import sys
+from pytest_ckptparity import cli
+from pytest_ckptparity.api import Comparison
+from pytest_ckptparity.diff import CompareOptions
+cli._keep_freed_memory_for_reuse()  # as the command line does
+report = Comparison(sys.argv[1], sys.argv[2], options=CompareOptions(stored_bytes=False, dtype_policy=sys.argv[3])).run()
+sys.exit(0 if report.passed else 1)
+'''
+
+# The command line with glibc's mmap threshold at 4 MiB instead (what it used to set).
+MALLOPT = r'''
+import ctypes, sys
+ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)
+from pytest_ckptparity import cli
+cli._keep_freed_memory_for_reuse = lambda: None
+sys.exit(cli.main(sys.argv[1:]))
 '''
 
 
@@ -178,7 +204,7 @@ def pair(base: Path, gb: float, variant: str) -> tuple[str, str, list[str]]:
         return a, write(root / "b-other-mesh", layers, "other-mesh"), []
     if variant == "unscanned":
         return a, write(root / "b-unscanned", layers, "unscanned"), []
-    if variant == "bf16-cast":
+    if variant == "bf16-cast":  # the decode side holds parameters: only those are compared
         return write(root / "a-bf16-decode", layers, "bf16-decode"), a, ["--dtype-policy", "cast"]
     raise SystemExit(f"unknown variant {variant!r}; pick from {', '.join(VARIANTS)}")
 
@@ -197,13 +223,19 @@ def summary(runs: list[tuple[float, float, float, int]]) -> dict:
             "cpu": statistics.median(r[1] for r in runs), "rss": max(r[2] for r in runs), "runs": walls}
 
 
-def bench(a: str, b: str, extra: list[str], repeat: int) -> dict:
-    """Every pair holds the same model within tolerance: ckptparity must exit 0."""
+def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dict:
+    """Every pair holds the same model within tolerance: every contender must exit 0."""
     py = sys.executable
+    policy = "cast" if "cast" in extra else "strict"
+    params_only = "cast" in extra  # the bf16 decode side: B's optimizer state is not compared
     contenders = {
-        "floor": [py, "-c", FLOOR, a, b],
+        "floor": [py, "-c", FLOOR, a, b + ("::params." if params_only else "")],
         "ckptparity": [py, "-m", "pytest_ckptparity.cli", a, b, "--color", "no", *extra],
     }
+    if "values" in more:
+        contenders["values"] = [py, "-c", VALUES, a, b, policy]
+    if "mallopt" in more:
+        contenders["mallopt"] = [py, "-c", MALLOPT, a, b, "--color", "no", *extra]
     run_once(contenders["floor"])  # warm the page cache: every contender then reads from memory
     runs: dict[str, list] = {k: [] for k in contenders}
     for _ in range(repeat):
@@ -213,10 +245,10 @@ def bench(a: str, b: str, extra: list[str], repeat: int) -> dict:
                 raise SystemExit(f"{key}: exit code {run[3]}: {' '.join(cmd)}")
             runs[key].append(run)
     out = {k: summary(v) for k, v in runs.items()}
-    policy = "cast" if "cast" in extra else "strict"
     done = subprocess.run([py, "-c", DECODES, a, b, policy], check=True, capture_output=True, text=True)
-    decoded, stored, _ = (int(x) for x in done.stdout.split())
-    out["decode_factor"] = decoded / stored
+    as_values, with_bytes, stored = (int(x) for x in done.stdout.split())
+    out["decode_factor"] = as_values / stored  # values only: > 1 when slabs cut chunks
+    out["decoded_share"] = with_bytes / stored  # stored bytes first: < 1 when chunks are settled by bytes
     out["chunks"] = stored
     return out
 
@@ -227,6 +259,8 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0, help="also run each variant this many times larger")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--repeat", type=int, default=5, help="rounds; in each, every contender runs once")
+    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt"),
+                   help="more contenders: 'values' (stored bytes off: every chunk decoded), 'mallopt' (the CLI with a 4 MiB mmap threshold)")
     p.add_argument("--dir", default="/tmp/ckptbench-sharded", help="where pairs are written (reused when present)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
@@ -236,13 +270,15 @@ def main() -> None:
         for variant in args.variants:
             a, b, extra = pair(Path(args.dir), gb, variant)
             label = f"{variant} {layers_for(gb)} layers"
-            r = bench(a, b, extra, args.repeat)
+            r = bench(a, b, extra, args.repeat, args.also)
             results[label] = r
-            f, c = r["floor"], r["ckptparity"]
-            print(f"{label:<26} floor {f['wall']:6.2f} s ({f['wall_min']:.2f}-{f['wall_max']:.2f}) cpu {f['cpu']:6.2f} s rss {f['rss']:5.0f} MB | "
-                  f"ckptparity {c['wall']:6.2f} s ({c['wall_min']:.2f}-{c['wall_max']:.2f}) cpu {c['cpu']:6.2f} s rss {c['rss']:5.0f} MB | "
-                  f"ratio {c['wall'] / f['wall']:.2f}x wall, {c['cpu'] / f['cpu']:.2f}x cpu | decode factor {r['decode_factor']:.2f} ({r['chunks']} chunks)",
-                  flush=True)
+            f = r["floor"]
+            print(f"{label}: {r['chunks']} chunks compared; chunk decodes / chunks: {r['decode_factor']:.2f} reading values, "
+                  f"{r['decoded_share']:.2f} with stored bytes first")
+            for key in ("floor", "ckptparity", *args.also):
+                c = r[key]
+                print(f"  {key:<11} {c['wall']:6.2f} s ({c['wall_min']:.2f}-{c['wall_max']:.2f})  cpu {c['cpu']:6.2f} s  rss {c['rss']:5.0f} MB"
+                      f"  | {c['wall'] / f['wall']:.2f}x wall, {c['cpu'] / f['cpu']:.2f}x cpu of the floor", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -6,11 +6,17 @@ strings. NaN equals NaN at the same position unless `equal_nan=False`; NaN or in
 anything else is a mismatch. Identical arrays take a bitwise fast path first.
 
 Memory: every leaf is read in blocks aligned to the stored chunks of both sides (so each
-chunk is decoded once), of at most `read_budget / BLOCK_SHARE` bytes per side unless one
-chunk is larger, and compared in pieces of `PIECE_ELEMENTS` elements. Reads of the next
-blocks are issued while the current one is compared (readahead) as long as all decoded
-blocks held, the compared one included, fit in `read_budget`. So memory follows the budget
-or the largest chunk, never the checkpoint.
+chunk is decoded once), of at most `read_budget / BLOCK_SHARE` bytes per side unless the
+common aligned block is larger: that is read alone while it fits in the budget, else in
+slabs of the block share or one chunk (some chunks are then decoded more than once).
+Pieces of `PIECE_ELEMENTS` elements are compared at once. Reads of the next blocks are
+issued while the current one is compared (readahead) as long as all decoded blocks held,
+the compared one included, fit in `read_budget`. So memory follows the budget or the
+largest chunk, never the checkpoint or the two sides' topologies.
+
+Stored bytes: a leaf both sides store alike (dtype, chunk grid, codecs) is read as stored
+chunk bytes first; equal bytes are equal values, and only chunks whose bytes differ are
+decoded and compared as values.
 """
 
 from __future__ import annotations
@@ -447,8 +453,7 @@ def _slab_shape(extent: Sequence[slice], unit: Sequence[int], grids: Sequence[tu
     sizes = [s.stop - s.start for s in extent]
     block = [min(u, n) for u, n in zip(unit, sizes)]
     while math.prod(block) > limit:
-        best: Optional[tuple[int, int, int, int]] = None  # (fits, decodes, -size, axis), extent
-        moves = []
+        moves = []  # ((still too large, decodes, -size), axis, extent): the first one wins
         for i, b in enumerate(block):
             options = {g[i] for g in grids} | {-(-b // k) for k in range(2, min(b, 16) + 1)} | {1}
             for e in options:
@@ -458,7 +463,7 @@ def _slab_shape(extent: Sequence[slice], unit: Sequence[int], grids: Sequence[tu
                     moves.append(((size > limit, _decodes(extent, trial, grids), -size), i, e))
         if not moves:
             break
-        best_key, axis, e = min(moves)
+        _, axis, e = min(moves)
         block[axis] = e
     return tuple(block)
 
@@ -740,8 +745,8 @@ class _StoredPair:
     """A leaf both sides store with the same dtype, chunk grid and encoding (plain arrays, or
     stacks on the same axis): its chunks can be compared as stored bytes."""
 
-    def __init__(self, raw_a: Any, raw_b: Any, layout: Any, axis: Optional[int], shape: tuple[int, ...]) -> None:
-        self.raw_a, self.raw_b, self.layout, self.axis, self.shape = raw_a, raw_b, layout, axis, shape
+    def __init__(self, raw_a: Any, raw_b: Any, layout: Any, axis: Optional[int]) -> None:
+        self.raw_a, self.raw_b, self.layout, self.axis = raw_a, raw_b, layout, axis
 
     def _stored_index(self, block: tuple[slice, ...]) -> tuple[slice, ...]:
         if self.axis is None:
@@ -785,7 +790,7 @@ def _stored_pair(va: NormalizedView, vb: NormalizedView, job: _Job, opts: Compar
     layout_a = va.checkpoint.chunk_layout(sa.raw)
     if layout_a is None or layout_a != vb.checkpoint.chunk_layout(sb.raw):
         return None
-    return _StoredPair(sa.raw, sb.raw, layout_a, sa.axis, la.shape)
+    return _StoredPair(sa.raw, sb.raw, layout_a, sa.axis)
 
 
 def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: list, opts: CompareOptions) -> bool:
