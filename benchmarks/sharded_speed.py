@@ -37,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,9 +211,10 @@ def pair(base: Path, gb: float, variant: str) -> tuple[str, str, list[str]]:
 
 
 def run_once(cmd: list[str]) -> tuple[float, float, float, int]:
-    """(wall s, CPU s = user + sys, peak RSS MB, exit code) of one child process."""
+    """(wall s, CPU s = user + sys, peak RSS MB, exit code) of one child process and its
+    children (xdist workers: CPU summed, RSS of the largest process)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     _, status, usage = os.wait4(proc.pid, 0)
     return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
@@ -234,6 +236,10 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
     }
     if "values" in more:
         contenders["values"] = [py, "-c", VALUES, a, b, policy]
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--ckpt-a={a}", f"--ckpt-b={b}", *(["--ckpt-dtype-policy=cast"] if params_only else [])]
+    if "pytest" in more:  # the plugin, one item per layer stack or leaf, serial and on 2 xdist workers
+        contenders["pytest"] = pytest
+        contenders["pytest-n2"] = pytest + ["-n", "2"]
     if "mallopt" in more:
         contenders["mallopt"] = [py, "-c", MALLOPT, a, b, "--color", "no", *extra]
     run_once(contenders["floor"])  # warm the page cache: every contender then reads from memory
@@ -259,8 +265,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0, help="also run each variant this many times larger")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--repeat", type=int, default=5, help="rounds; in each, every contender runs once")
-    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt"),
-                   help="more contenders: 'values' (stored bytes off: every chunk decoded), 'mallopt' (the CLI with a 4 MiB mmap threshold)")
+    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest"),
+                   help="more contenders: 'values' (stored bytes off: every chunk decoded), 'mallopt' (the CLI with a "
+                        "4 MiB mmap threshold), 'pytest' (the plugin serial and with -n 2)")
     p.add_argument("--dir", default="/tmp/ckptbench-sharded", help="where pairs are written (reused when present)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
@@ -275,7 +282,7 @@ def main() -> None:
             f = r["floor"]
             print(f"{label}: {r['chunks']} chunks compared; chunk decodes / chunks: {r['decode_factor']:.2f} reading values, "
                   f"{r['decoded_share']:.2f} with stored bytes first")
-            for key in ("floor", "ckptparity", *args.also):
+            for key in (k for k in r if isinstance(r[k], dict)):
                 c = r[key]
                 print(f"  {key:<11} {c['wall']:6.2f} s ({c['wall_min']:.2f}-{c['wall_max']:.2f})  cpu {c['cpu']:6.2f} s  rss {c['rss']:5.0f} MB"
                       f"  | {c['wall'] / f['wall']:.2f}x wall, {c['cpu'] / f['cpu']:.2f}x cpu of the floor", flush=True)

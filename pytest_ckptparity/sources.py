@@ -419,7 +419,8 @@ class OrbaxCheckpoint(Checkpoint):
     def stored_chunk(self, path: KeyPath, coords: tuple[int, ...], layout: ChunkLayout) -> Pending:
         """Start reading the stored (still encoded) bytes of one chunk; the result is bytes,
         or None when the chunk is absent (zarr then means the fill value)."""
-        key = layout.key(".".join(path), coords)
+        param = ".".join(path)
+        key = layout.key(param, coords)
         fut = self._kvstore().read(key)
         side, item = self.name, self.item_dir
 
@@ -427,7 +428,7 @@ class OrbaxCheckpoint(Checkpoint):
             try:
                 r = fut.result()
             except Exception as e:
-                raise _usage(side, item, f"could not read chunk '{key}' from '{item}' ({_short(e)}); its data is truncated or corrupt: re-save the checkpoint or pick another step.") from None
+                raise _usage(side, item, f"could not read array '{param}' (chunk '{key}') from '{item}' ({_short(e)}); its data is truncated or corrupt: re-save the checkpoint or pick another step.") from None
             return bytes(r.value) if r.state == "value" else None
 
         return Pending(get, 0)
