@@ -815,8 +815,20 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
 
 
 def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
+    """Memory a block's read holds at its peak: the block itself, both sides, plus every
+    stored chunk it touches, decoded whole by tensorstore before the block's part is copied
+    out. A slab that cuts the other side's chunks thus counts those chunks in full."""
     n = math.prod(s.stop - s.start for s in block)
-    return n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+    total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+    for leaf in (job.la, job.lb):
+        c = leaf.chunk_shape
+        if c is not None and len(c) == len(block):
+            touched = 1
+            for s, ci, d in zip(block, c, leaf.shape):
+                ci = max(1, min(ci, d))
+                touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
+            total += touched * _itemsize(leaf.dtype)
+    return total
 
 
 def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: CompareOptions) -> None:
