@@ -1,8 +1,8 @@
 """Benchmark: ckptparity on checkpoints written sharded over 8 devices, against a bounded read floor.
 
-    python benchmarks/sharded_speed.py                          # every variant at 1x (22 layers, 1.5 GB)
-    python benchmarks/sharded_speed.py --variants other-mesh --scale 3   # and at 3x: is RSS flat?
-    python benchmarks/sharded_speed.py --variants identical --repeat 7
+    python benchmarks/sharded_speed.py --also values        # every variant at 1x (22 layers, 1.5 GB)
+    python benchmarks/sharded_speed.py --gb 4.5 --variants other-mesh identical   # 3x (82 layers): is RSS flat?
+    python benchmarks/sharded_speed.py --variants tolerance --also mallopt pytest  # malloc and xdist
 
 Real training checkpoints are written from many devices, one stored chunk per shard. The writer
 runs in a child process with 8 fake CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`,
@@ -20,12 +20,19 @@ A is always that checkpoint; the variants differ in B:
 Contenders, each in its own process, alternated in one run (`--repeat` rounds):
 
   floor        every stored chunk of both checkpoints read and decoded once by tensorstore,
-               at most 256 MiB decoded in flight, then discarded (no comparison at all)
+               at most 256 MiB decoded in flight, then discarded (no comparison at all); for
+               the bf16 pair only B's params, the arrays compared
   ckptparity   the `ckptparity A B` command line
+  floor-malloc (--also floor-malloc) the floor with the command line's malloc settings
+  values       (--also values) the same comparison with stored bytes off: every chunk decoded
+  mallopt      (--also mallopt) the command line with glibc's mmap threshold at 4 MiB instead
+  pytest       (--also pytest) the plugin (`--ckpt-a/--ckpt-b`), serial and with `-n 2`
 
-Reported: median wall time with min-max, median CPU seconds (user + sys of the child, less
-sensitive than wall time to other load on the machine), peak RSS (highest ru_maxrss), and once
-per pair the decode factor: chunks tensorstore decoded during a comparison / chunks stored.
+Reported: median wall time with min-max, median CPU seconds (user + sys of the child and its
+children; less sensitive than wall time to other load on the machine), peak RSS (highest
+ru_maxrss: for xdist, the largest single process), and once per pair the chunk decodes per
+chunk compared, counted by tensorstore: with values only (above 1 when slabs cut chunks: the
+extra decode factor) and with stored bytes first (below 1 when chunks are settled by bytes).
 Figures go in docs/performance.md.
 """
 
@@ -98,7 +105,11 @@ ex.save(out, tree, step=0)
 '''
 
 FLOOR = r'''
-import json, math, os, sys, itertools, collections, tensorstore as ts
+import json, math, os, sys, itertools, collections
+if os.environ.get("FLOOR_MALLOC") == "reuse":  # the command line's malloc settings, for a like-for-like floor
+    from pytest_ckptparity import cli
+    cli._keep_freed_memory_for_reuse()
+import tensorstore as ts
 BUDGET = 256 << 20
 ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
 arrays = []
@@ -210,11 +221,15 @@ def pair(base: Path, gb: float, variant: str) -> tuple[str, str, list[str]]:
     raise SystemExit(f"unknown variant {variant!r}; pick from {', '.join(VARIANTS)}")
 
 
-def run_once(cmd: list[str]) -> tuple[float, float, float, int]:
+EMPTY_DIR = tempfile.mkdtemp(prefix="ckptbench-cwd-")  # pytest collects nothing else from here
+
+
+def run_once(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, int]:
     """(wall s, CPU s = user + sys, peak RSS MB, exit code) of one child process and its
     children (xdist workers: CPU summed, RSS of the largest process)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=EMPTY_DIR,
+                            env=None if env is None else {**os.environ, **env})
     _, status, usage = os.wait4(proc.pid, 0)
     return time.perf_counter() - t0, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
 
@@ -234,6 +249,8 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
         "floor": [py, "-c", FLOOR, a, b + ("::params." if params_only else "")],
         "ckptparity": [py, "-m", "pytest_ckptparity.cli", a, b, "--color", "no", *extra],
     }
+    if "floor-malloc" in more:
+        contenders["floor-malloc"] = contenders["floor"] + ["FLOOR_MALLOC=reuse"]
     if "values" in more:
         contenders["values"] = [py, "-c", VALUES, a, b, policy]
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--ckpt-a={a}", f"--ckpt-b={b}", *(["--ckpt-dtype-policy=cast"] if params_only else [])]
@@ -246,7 +263,8 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
     runs: dict[str, list] = {k: [] for k in contenders}
     for _ in range(repeat):
         for key, cmd in contenders.items():
-            run = run_once(cmd)
+            env = dict(x.split("=", 1) for x in cmd if x.startswith("FLOOR_MALLOC="))
+            run = run_once([x for x in cmd if not x.startswith("FLOOR_MALLOC=")], env)
             if run[3] != 0:
                 raise SystemExit(f"{key}: exit code {run[3]}: {' '.join(cmd)}")
             runs[key].append(run)
@@ -265,7 +283,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0, help="also run each variant this many times larger")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--repeat", type=int, default=5, help="rounds; in each, every contender runs once")
-    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest"),
+    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest", "floor-malloc"),
                    help="more contenders: 'values' (stored bytes off: every chunk decoded), 'mallopt' (the CLI with a "
                         "4 MiB mmap threshold), 'pytest' (the plugin serial and with -n 2)")
     p.add_argument("--dir", default="/tmp/ckptbench-sharded", help="where pairs are written (reused when present)")
