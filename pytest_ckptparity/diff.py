@@ -6,11 +6,17 @@ strings. NaN equals NaN at the same position unless `equal_nan=False`; NaN or in
 anything else is a mismatch. Identical arrays take a bitwise fast path first.
 
 Memory: every leaf is read in blocks aligned to the stored chunks of both sides (so each
-chunk is decoded once), of at most `read_budget / BLOCK_SHARE` bytes per side unless one
-chunk is larger, and compared in pieces of `PIECE_ELEMENTS` elements. Reads of the next
-blocks are issued while the current one is compared (readahead) as long as all decoded
-blocks held, the compared one included, fit in `read_budget`. So memory follows the budget
-or the largest chunk, never the checkpoint.
+chunk is decoded once), of at most `read_budget / BLOCK_SHARE` bytes per side unless the
+common aligned block is larger: that is read alone while it fits in the budget, else in
+slabs of the block share or one chunk (some chunks are then decoded more than once).
+Pieces of `PIECE_ELEMENTS` elements are compared at once. Reads of the next blocks are
+issued while the current one is compared (readahead) as long as all decoded blocks held,
+the compared one included, fit in `read_budget`. So memory follows the budget or the
+largest chunk, never the checkpoint or the two sides' topologies.
+
+Stored bytes: a leaf both sides store alike (dtype, chunk grid, codecs) is read as stored
+chunk bytes first; equal bytes are equal values, and only chunks whose bytes differ are
+decoded and compared as values.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
 }
 EXACT = Tolerance(atol=0.0, rtol=0.0, exact=True)
 DEFAULT_READ_BUDGET = 256 << 20  # decoded bytes held at once, both sides, compared block included
-TRIM_AFTER_BYTES = 16 << 20  # after a block this large, freed heap pages go back to the OS
 BLOCK_SHARE = 8  # a block (one side) takes at most budget / BLOCK_SHARE: several in flight
 PIECE_ELEMENTS = 1 << 17  # elements compared at once: bounds every temporary
 FIRST_INDICES = 5
@@ -59,6 +64,7 @@ class CompareOptions:
     equal_nan: bool = True
     dtype_policy: str = "strict"
     read_budget: int = DEFAULT_READ_BUDGET
+    stored_bytes: bool = True  # settle chunks stored alike on both sides by their stored bytes
 
 
 @dataclass(frozen=True)
@@ -435,6 +441,7 @@ class _Job:
     notes: tuple[str, ...]
     blocks: list[tuple[slice, ...]]
     acc: _Accumulator = field(default_factory=_Accumulator)
+    stored: Optional["_StoredPair"] = None  # both sides store the leaf alike: bytes first
 
 
 def chunk_alignment(la: LogicalLeaf, lb: LogicalLeaf) -> tuple[int, ...]:
@@ -469,14 +476,90 @@ def _blocks(extent: Sequence[slice], unit: Sequence[int], itemsize: int, budget:
             continue
         block[i] = max(block[i], (limit // others) // unit[i] * unit[i])
         break
+    return _grid(extent, block)
+
+
+def _grid(extent: Sequence[slice], block: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Blocks of shape `block` covering `extent` in C order, their edges on the absolute grid
+    (multiples of `block`), so blocks made of whole chunks start on chunk edges."""
     ranges = []
     for s, b in zip(extent, block):
         if b >= s.stop - s.start:
             ranges.append([s])
             continue
-        first = s.start - s.start % b  # boundaries on the absolute grid, so on chunk edges
+        first = s.start - s.start % b
         ranges.append([slice(max(x, s.start), min(x + b, s.stop)) for x in range(first, s.stop, b)])
     return [tuple(c) for c in itertools.product(*ranges)]
+
+
+def _chunk_grids(la: LogicalLeaf, lb: LogicalLeaf) -> list[tuple[int, ...]]:
+    """Each stored side's chunk extents in canonical coordinates (sides in memory have none)."""
+    grids = []
+    for leaf in (la, lb):
+        c = leaf.chunk_shape
+        if c is not None and len(c) == len(la.shape):
+            grids.append(tuple(max(1, min(ci, d)) for ci, d in zip(c, la.shape)))
+    return grids
+
+
+def _overlaps(extent: slice, block: int, chunk: int) -> int:
+    """How many (block, stored chunk) pairs overlap along one axis: each is one decode."""
+    starts = np.arange(extent.start - extent.start % block, extent.stop, block)
+    lo, hi = np.maximum(starts, extent.start), np.minimum(starts + block, extent.stop)
+    return int(((hi - 1) // chunk - lo // chunk + 1).sum())
+
+
+def _decodes(extent: Sequence[slice], block: Sequence[int], grids: Sequence[tuple[int, ...]]) -> int:
+    """Chunk decodes needed to read `extent` in blocks of shape `block`, both sides."""
+    return sum(math.prod(_overlaps(s, b, c) for s, b, c in zip(extent, block, grid)) for grid in grids)
+
+
+def _slab_shape(extent: Sequence[slice], unit: Sequence[int], grids: Sequence[tuple[int, ...]], limit: int) -> tuple[int, ...]:
+    """The block shape of at most `limit` elements that decodes the fewest stored chunks.
+
+    Used when the two sides' common aligned block (`unit`) is too large to hold: greedily
+    shrinks one axis at a time to a chunk extent of either side or a fraction of the unit,
+    taking the step that adds the fewest decodes (a chunk cut by a block is decoded once per
+    block that needs it).
+    """
+    sizes = [s.stop - s.start for s in extent]
+    block = [min(u, n) for u, n in zip(unit, sizes)]
+    while math.prod(block) > limit:
+        moves = []  # ((still too large, decodes, -size), axis, extent): the first one wins
+        for i, b in enumerate(block):
+            options = {g[i] for g in grids} | {-(-b // k) for k in range(2, min(b, 16) + 1)} | {1}
+            for e in options:
+                if 0 < e < b:
+                    trial = block[:i] + [e] + block[i + 1:]
+                    size = math.prod(trial)
+                    moves.append(((size > limit, _decodes(extent, trial, grids), -size), i, e))
+        if not moves:
+            break
+        _, axis, e = min(moves)
+        block[axis] = e
+    return tuple(block)
+
+
+def _plan_blocks(extent: Sequence[slice], la: LogicalLeaf, lb: LogicalLeaf, itemsize: int, read_budget: int) -> tuple[list[tuple[slice, ...]], int, int]:
+    """Blocks to read a leaf in, the chunk decodes they cost (both sides) and the chunks stored.
+
+    Blocks are made of whole chunks of both sides (each chunk decoded once) and take at most
+    `read_budget / BLOCK_SHARE` bytes per side, so several are in flight. A common aligned
+    block that is larger is still read whole, alone, while both sides' share fits in the
+    budget. Beyond that (two chunk grids whose common block is most of an array: another
+    mesh, shards on other axes) memory wins: the leaf is read in slabs of at most the block
+    share (or one stored chunk, whichever is larger), decoding some chunks more than once.
+    """
+    unit = tuple(min(u, s.stop - s.start) or 1 for u, s in zip(chunk_alignment(la, lb), extent))
+    block_budget = max(1, read_budget // BLOCK_SHARE)
+    size = max(itemsize, 1)
+    grids = _chunk_grids(la, lb)
+    stored = sum(math.prod(_overlaps(s, c, c) for s, c in zip(extent, g)) for g in grids)
+    if math.prod(unit) * size * 2 <= read_budget or math.prod(unit) * size <= block_budget:
+        return _blocks(extent, unit, itemsize, block_budget), stored, stored
+    largest_chunk = max((math.prod(g) for g in grids), default=1)
+    slab = _slab_shape(extent, unit, grids, max(block_budget // size, largest_chunk, 1))
+    return _grid(extent, slab), _decodes(extent, slab, grids), stored
 
 
 def _counter(path: str) -> bool:
@@ -637,7 +720,6 @@ def diff_views(
 
     results: dict[int, LeafResult] = {}
     jobs: list[tuple[int, _Job]] = []
-    block_budget = max(1, opts.read_budget // BLOCK_SHARE)
     for pos, (path, layer_range) in enumerate(wanted):
         la, lb = va.leaves.get(path), vb.leaves.get(path)
         done, cast_to, notes = _structural(path, la, lb, opts, (va.name, vb.name))
@@ -655,7 +737,9 @@ def diff_views(
         if layer_range is not None:
             extent[0] = slice(*layer_range)
         itemsize = max(_itemsize(la.dtype), _itemsize(lb.dtype))
-        job = _Job(path, la, lb, tol, cast_to, layer_range, notes, _blocks(extent, chunk_alignment(la, lb), itemsize, block_budget))
+        blocks, _, _ = _plan_blocks(extent, la, lb, itemsize, opts.read_budget)
+        job = _Job(path, la, lb, tol, cast_to, layer_range, notes, blocks)
+        job.stored = _stored_pair(va, vb, job, opts)
         jobs.append((pos, job))
 
     for pos, result in _run_jobs(va, vb, jobs, opts):
@@ -680,51 +764,143 @@ def _itemsize(dtype: str) -> int:
 def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job]], opts: CompareOptions) -> Iterator[tuple[int, LeafResult]]:
     """Read blocks ahead while earlier ones are compared, holding at most `read_budget`
     decoded bytes (the block being compared included); a block larger than the budget (one
-    big stored chunk) is read alone."""
+    big stored chunk) is read alone.
+
+    A leaf both sides store alike (`job.stored`) is read as stored chunk bytes first: equal
+    bytes are equal values, and only the chunks whose bytes differ are decoded. When that
+    finds differences, the rest of the leaf is read as values (a recomputed model differs
+    everywhere, and reading both forms would cost more than decoding); after a few such
+    leaves in a row, later leaves skip the stored bytes too.
+    """
     work = [(pos, job, i, _block_bytes(job, job.blocks[i])) for pos, job in jobs for i in range(len(job.blocks))]
     inflight: deque = deque()
     held = 0
     nxt = 0
+    misses = 0  # leaves in a row whose stored bytes differed: the model was recomputed
     while nxt < len(work) or inflight:
         while nxt < len(work) and (not inflight or held + work[nxt][3] <= opts.read_budget):
             pos, job, i, cost = work[nxt]
             block = job.blocks[i]
-            inflight.append((pos, job, i, cost, va.read(job.la, block), vb.read(job.lb, block)))
+            if job.stored is not None and misses >= STORED_MISSES_BEFORE_VALUES and i == 0:
+                job.stored = None
+            if job.stored is not None:
+                reads: Any = job.stored.start(va, vb, block)
+            else:
+                reads = (va.read(job.la, block), vb.read(job.lb, block))
+            inflight.append((pos, job, i, cost, reads))
             held += cost
             nxt += 1
-        pos, job, i, cost, pa, pb = inflight.popleft()
-        a, b = pa.result(), pb.result()
-        job.acc.bytes_read += pa.nbytes + pb.nbytes
-        _compare_values(job, a, b, job.blocks[i], opts)
-        del a, b, pa, pb
+        pos, job, i, cost, reads = inflight.popleft()
+        if isinstance(reads, tuple):
+            pa, pb = reads
+            a, b = pa.result(), pb.result()
+            job.acc.bytes_read += pa.nbytes + pb.nbytes
+            _compare_values(job, a, b, job.blocks[i], opts)
+            del a, b, pa, pb
+        else:
+            differed = _settle_stored(va, vb, job, reads, opts)
+            if differed and job.stored is not None:
+                job.stored = None  # blocks not yet issued are read as values
+                misses += 1
+            elif not differed:
+                misses = 0
+        del reads
         held -= cost
-        if cost >= TRIM_AFTER_BYTES:
-            _return_freed_memory()
         if i == len(job.blocks) - 1:
             yield pos, _finish(job)
 
 
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them per thread arena otherwise, so
-    RSS would creep up with every large block decoded on tensorstore's threads)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+STORED_MISSES_BEFORE_VALUES = 3
 
 
-_malloc_trim: Any = None
+class _StoredPair:
+    """A leaf both sides store with the same dtype, chunk grid and encoding (plain arrays, or
+    stacks on the same axis): its chunks can be compared as stored bytes."""
+
+    def __init__(self, raw_a: Any, raw_b: Any, layout: Any, axis: Optional[int]) -> None:
+        self.raw_a, self.raw_b, self.layout, self.axis = raw_a, raw_b, layout, axis
+
+    def _stored_index(self, block: tuple[slice, ...]) -> tuple[slice, ...]:
+        if self.axis is None:
+            return block
+        rest = block[1:]
+        return rest[: self.axis] + (block[0],) + rest[self.axis:]
+
+    def _canonical_index(self, stored: tuple[slice, ...]) -> tuple[slice, ...]:
+        if self.axis is None:
+            return stored
+        return (stored[self.axis],) + stored[: self.axis] + stored[self.axis + 1:]
+
+    def start(self, va: NormalizedView, vb: NormalizedView, block: tuple[slice, ...]) -> list[tuple[tuple[slice, ...], Any, Any]]:
+        """Start reading the stored bytes of every chunk the block touches, both sides:
+        (the chunk's part of the block in canonical coordinates, read of A, read of B)."""
+        stored = self._stored_index(block) if block else ()
+        grid = self.layout.grid
+        per_axis = [range(s.start // g, -(-s.stop // g)) for s, g in zip(stored, grid)]
+        out = []
+        for coords in itertools.product(*per_axis):
+            part = tuple(slice(max(s.start, c * g), min(s.stop, (c + 1) * g)) for s, c, g in zip(stored, coords, grid))
+            out.append((self._canonical_index(part), va.checkpoint.stored_chunk(self.raw_a, coords, self.layout),
+                        vb.checkpoint.stored_chunk(self.raw_b, coords, self.layout)))
+        return out
+
+
+def _stored_pair(va: NormalizedView, vb: NormalizedView, job: _Job, opts: CompareOptions) -> Optional[_StoredPair]:
+    """Whether equal stored bytes may settle this leaf: same dtype, no cast, the same storage
+    form on both sides (a plain array, or a stack on the same axis; never a family of
+    per-layer arrays or a leaf in memory) and the same chunk grid and encoding. With
+    `equal_nan=False` a NaN must not equal itself, which equal bytes cannot tell: floats then
+    go through values."""
+    la, lb = job.la, job.lb
+    if not opts.stored_bytes or job.cast_to is not None or la.dtype != lb.dtype or la.shape != lb.shape:
+        return None
+    if not opts.equal_nan and _kind(la.dtype) == "float":
+        return None
+    sa, sb = la.storage, lb.storage
+    if not (sa.raw and sb.raw) or sa.per_layer or sb.per_layer or sa.axis != sb.axis:
+        return None
+    layout_a = va.checkpoint.chunk_layout(sa.raw)
+    if layout_a is None or layout_a != vb.checkpoint.chunk_layout(sb.raw):
+        return None
+    return _StoredPair(sa.raw, sb.raw, layout_a, sa.axis)
+
+
+def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: list, opts: CompareOptions) -> bool:
+    """Compare a block's stored chunks; decode and compare values only where bytes differ
+    (different bytes may still hold equal values). True when some chunk's bytes differed."""
+    differing = []
+    itemsizes = _itemsize(job.la.dtype) + _itemsize(job.lb.dtype)
+    for part, ra, rb in reads:
+        stored_a, stored_b = ra.result(), rb.result()
+        n = math.prod(s.stop - s.start for s in part)
+        if stored_a is not None and stored_a == stored_b:
+            job.acc.n_total += n  # identical encodings of identical values: nothing to decode
+            job.acc.bytes_read += n * itemsizes
+        else:
+            differing.append(part)
+    for part in differing:
+        pa, pb = va.read(job.la, part), vb.read(job.lb, part)
+        a, b = pa.result(), pb.result()
+        job.acc.bytes_read += pa.nbytes + pb.nbytes
+        _compare_values(job, a, b, part, opts)
+    return bool(differing)
 
 
 def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
+    """Memory a block's read holds at its peak: the block itself, both sides, plus every
+    stored chunk it touches, decoded whole by tensorstore before the block's part is copied
+    out. A slab that cuts the other side's chunks thus counts those chunks in full."""
     n = math.prod(s.stop - s.start for s in block)
-    return n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+    total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+    for leaf in (job.la, job.lb):
+        c = leaf.chunk_shape
+        if c is not None and len(c) == len(block):
+            touched = 1
+            for s, ci, d in zip(block, c, leaf.shape):
+                ci = max(1, min(ci, d))
+                touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
+            total += touched * _itemsize(leaf.dtype)
+    return total
 
 
 def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: CompareOptions) -> None:

@@ -37,8 +37,8 @@ import numpy as np
 from pytest_ckptparity._model import ArrayInfo
 from pytest_ckptparity._paths import KeyPath, in_scope
 from pytest_ckptparity.diff import (
-    BLOCK_SHARE, DEFAULT_READ_BUDGET, PIECE_ELEMENTS, TRIM_AFTER_BYTES, _blocks, _itemsize, _pieces, _pool,
-    _return_freed_memory, chunk_alignment,
+    BLOCK_SHARE, DEFAULT_READ_BUDGET, PIECE_ELEMENTS, _blocks, _itemsize, _pieces, _pool,
+    chunk_alignment,
 )
 from pytest_ckptparity.errors import CkptParityUsageError
 from pytest_ckptparity.normalize import Layout, LogicalLeaf, NormalizedView, Storage
@@ -265,8 +265,6 @@ def _read_ahead(view: NormalizedView, work: list[tuple[Any, tuple[slice, ...], i
         yield leaf, block, data, pending.nbytes
         del data, pending
         held -= cost
-        if cost >= TRIM_AFTER_BYTES:
-            _return_freed_memory()
 
 
 def _strides(shape: Sequence[int]) -> tuple[int, ...]:

@@ -66,6 +66,11 @@ class Checkpoint:
         """Start reading one leaf, or the slice `index` of it."""
         raise NotImplementedError
 
+    def chunk_layout(self, path: KeyPath) -> Optional["ChunkLayout"]:
+        """How the leaf is stored (chunk grid and encoding), when its stored chunk bytes can be
+        compared (`stored_chunk`); None means compare decoded values only."""
+        return None
+
     def with_name(self, name: str) -> "Checkpoint":
         self.name = name
         return self
@@ -404,6 +409,81 @@ class OrbaxCheckpoint(Checkpoint):
 
         return Pending(get, nbytes)
 
+    # -- stored chunk bytes (compared before decoding when both sides store a leaf alike) --
+    def _kvstore(self) -> Any:
+        """The item's key-value store (OCDBT or plain files), opened once, read only."""
+        if getattr(self, "_kv", None) is None:
+            import tensorstore as ts
+
+            base = self.item_dir.kvstore_spec()
+            spec = {"driver": "ocdbt", "base": base} if self.use_ocdbt else base
+            context = ts.Context({**self.item_dir.context_spec(), "cache_pool": {"total_bytes_limit": 0}})
+            self._kv = ts.KvStore.open(spec, context=context).result()
+        return self._kv
+
+    def chunk_layout(self, path: KeyPath) -> Optional[ChunkLayout]:
+        """How a leaf is stored: its chunk grid and the rest of its zarr metadata (dtype,
+        shape, codecs, fill value, key encoding). Two arrays with equal layouts encode equal
+        values the same way, so equal stored chunk bytes mean equal values. None for strings
+        or metadata this method does not understand (the caller then compares values)."""
+        if self.leaves()[path].dtype == "str":
+            return None
+        param = ".".join(path)
+        name = "zarr.json" if self.use_zarr3 else ".zarray"
+        try:
+            meta = json.loads(self._kvstore().read(f"{param}/{name}").result().value)
+            if self.use_zarr3:
+                grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
+                encoding = meta.get("chunk_key_encoding") or {"name": "default"}
+                style = encoding.get("name", "default")
+                sep = (encoding.get("configuration") or {}).get("separator", "/" if style == "default" else ".")
+                prefix = "c" if style == "default" else ""
+            else:
+                grid, sep, prefix = meta["chunks"], meta.get("dimension_separator") or ".", ""
+            meta.pop("attributes", None)  # free-form user attributes do not change the encoding
+            meta.pop("dimension_names", None)
+            return ChunkLayout(tuple(int(c) for c in grid), json.dumps(meta, sort_keys=True), sep, prefix)
+        except Exception:  # noqa: BLE001 - an unexpected layout only loses the shortcut
+            return None
+
+    def stored_chunk(self, path: KeyPath, coords: tuple[int, ...], layout: ChunkLayout) -> Pending:
+        """Start reading the stored (still encoded) bytes of one chunk; the result is bytes,
+        or None when the chunk is absent (zarr then means the fill value)."""
+        param = ".".join(path)
+        key = layout.key(param, coords)
+        fut = self._kvstore().read(key)
+        side, item = self.name, self.item_dir
+
+        def get() -> Optional[bytes]:
+            try:
+                r = fut.result()
+            except Exception as e:
+                raise _usage(side, item, f"could not read array '{param}' (chunk '{key}') from '{item}' ({_short(e)}); its data is truncated or corrupt: re-save the checkpoint or pick another step.") from None
+            return bytes(r.value) if r.state == "value" else None
+
+        return Pending(get, 0)
+
+
+class ChunkLayout:
+    """A stored array's chunk grid, its full encoding (as comparable text) and chunk key rule."""
+
+    __slots__ = ("grid", "encoding", "separator", "prefix")
+
+    def __init__(self, grid: tuple[int, ...], encoding: str, separator: str, prefix: str) -> None:
+        self.grid, self.encoding, self.separator, self.prefix = grid, encoding, separator, prefix
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChunkLayout) and (self.grid, self.encoding) == (other.grid, other.encoding)
+
+    def __hash__(self) -> int:
+        return hash((self.grid, self.encoding))
+
+    def key(self, param: str, coords: tuple[int, ...]) -> str:
+        """zarr2 `<param>/0.1.2`; zarr3 `<param>/c/0/1/2` (default encoding) or `<param>/0.1.2` (v2)."""
+        parts = [self.prefix] if self.prefix else []
+        parts += [str(c) for c in coords] or ([] if self.prefix else ["0"])  # a scalar: `c` or `0`
+        return f"{param}/{self.separator.join(parts)}"
+
 
 # --------------------------------------------------------------------------------------
 # In-memory trees
@@ -540,4 +620,4 @@ def open_checkpoint(
     return InMemoryCheckpoint(obj, name=name)
 
 
-__all__: Sequence[str] = ("Checkpoint", "OrbaxCheckpoint", "InMemoryCheckpoint", "Pending", "open_checkpoint", "locate_item_folder")
+__all__: Sequence[str] = ("Checkpoint", "ChunkLayout", "OrbaxCheckpoint", "InMemoryCheckpoint", "Pending", "open_checkpoint", "locate_item_folder")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pytest_ckptparity import Comparison, compare_checkpoints
+from pytest_ckptparity import diff as diff_mod
 from pytest_ckptparity import examples as ex
 from pytest_ckptparity.diff import CompareOptions
 from pytest_ckptparity.normalize import NormalizedView
@@ -63,20 +64,45 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("budget", [64, 256 << 20], ids=["tiny-budget", "default-budget"])
+def planned_decodes(comparison: Comparison) -> tuple[int, int]:
+    """(chunk decodes the read plan expects, chunks stored) over every compared leaf."""
+    va, vb = comparison.views
+    planned = stored = 0
+    for path, la in va.leaves.items():
+        lb = vb.leaves[path]
+        itemsize = max(np.dtype(la.dtype).itemsize, np.dtype(lb.dtype).itemsize) if la.dtype != "str" else 1
+        if la.shape == ():  # a scalar: one chunk a side, no chunk grid in its metadata
+            planned, stored = planned + 2, stored + 2
+        elif la.dtype != "str":
+            _, p, s = diff_mod._plan_blocks([slice(0, d) for d in la.shape], la, lb, itemsize, comparison.options.read_budget)
+            planned, stored = planned + p, stored + s
+    return planned, stored
+
+
+@pytest.mark.parametrize("budget", [64, 4 << 10, 256 << 20], ids=["tiny-budget", "small-budget", "default-budget"])
 @pytest.mark.parametrize("a,b", PAIRS)
 def test_each_stored_chunk_is_decoded_once(layouts, a, b, budget):
-    comparison = Comparison(layouts[a], layouts[b], options=CompareOptions(read_budget=budget))
+    # Values only: leaves stored alike would otherwise be settled from their stored bytes.
+    comparison = Comparison(layouts[a], layouts[b], options=CompareOptions(read_budget=budget, stored_bytes=False))
     expected = sum(stored_chunks(v) for v in comparison.views)
+    planned, stored = planned_decodes(comparison)
+    assert stored == expected
     before = chunk_decodes()
     report = comparison.run()
     assert report.passed, report.mismatches
-    assert chunk_decodes() - before == expected
+    # tensorstore decodes exactly what the plan says: each chunk once while the two sides'
+    # common block fits in the budget; below that (64 bytes) memory wins and some chunks
+    # are decoded again, never more than a few times.
+    assert chunk_decodes() - before == planned
+    if budget >= 4 << 10:
+        assert planned == expected
+    else:
+        assert expected <= planned <= 4 * expected
 
 
 @pytest.mark.parametrize("a,b", PAIRS)
 def test_layer_items_together_decode_each_chunk_once(layouts, a, b):
-    comparison = Comparison(layouts[a], layouts[b])
+    comparison = Comparison(layouts[a], layouts[b], options=CompareOptions(stored_bytes=False))
     parts = comparison.split("layer")
     expected = sum(stored_chunks(v) for v in comparison.views)
     before = chunk_decodes()
@@ -146,3 +172,90 @@ def test_decoded_bytes_held_stay_within_the_read_budget():
         assert alive_a + n_a + n_b <= budget
         assert alive_b == alive_a + n_a
     assert max(alive for alive, _ in log) > 0  # readahead happened: reads overlapped
+
+
+# Two meshes: A sharded over 8 devices by rows, B by columns, so the two chunk grids cut
+# the array on different axes and their common block is the whole array.
+MESH_WRITER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pytest_ckptparity import examples as ex
+
+root = sys.argv[1]
+mesh = Mesh(np.array(jax.devices()), ("x",))
+w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+planted = w.copy()
+planted[0, 0] += 1.0     # in the first slab
+planted[63, 47] -= 1.0   # in the last slab
+for name, value, spec in (("rows", w, P("x", None)), ("cols", w, P(None, "x")), ("cols_planted", planted, P(None, "x"))):
+    ex.save(os.path.join(root, name), {"w": jax.device_put(value, NamedSharding(mesh, spec))}, step=0)
+"""
+
+
+@pytest.fixture(scope="module")
+def meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Checkpoints written by orbax from 8 (fake CPU) devices in a child process: this
+    process's jax keeps its own device count."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("meshes")
+    subprocess.run([sys.executable, "-c", MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
+    return {name: str(root / name) for name in ("rows", "cols", "cols_planted")}
+
+
+class _ReadLog:
+    """Records the decoded size of every array read the comparison starts (both sides)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from pytest_ckptparity.sources import OrbaxCheckpoint
+
+        self.sizes: list[int] = []
+        original = OrbaxCheckpoint.read
+
+        def read(ckpt: OrbaxCheckpoint, path: Any, index: Optional[tuple] = None) -> Pending:
+            pending = original(ckpt, path, index)
+            self.sizes.append(pending.nbytes)
+            return pending
+
+        monkeypatch.setattr(OrbaxCheckpoint, "read", read)
+
+
+def test_grids_on_different_axes_read_in_budget_sized_slabs(meshes, monkeypatch):
+    a_info = Comparison(meshes["rows"], meshes["cols"]).views
+    assert a_info[0].leaves["params/w"].chunk_shape == (8, 48) and a_info[1].leaves["params/w"].chunk_shape == (64, 6)
+    budget = 8 << 10  # both sides' common block (the whole 12 KiB array, twice) does not fit
+    chunk = 8 * 48 * 4  # the largest stored chunk: 1.5 KiB
+    log = _ReadLog(monkeypatch)
+    comparison = Comparison(meshes["rows"], meshes["cols"], options=CompareOptions(read_budget=budget))
+    planned, stored = planned_decodes(comparison)
+    before = chunk_decodes()
+    report = comparison.run()
+    assert report.passed
+    (w,) = report.results
+    assert w.stats.n_total == 64 * 48  # every element compared
+    assert w.bytes_read == 2 * 64 * 48 * 4  # and read once as values, in several slabs
+    assert len(log.sizes) > 2 and max(log.sizes) <= max(budget // diff_mod.BLOCK_SHARE, chunk)
+    # Memory wins: slabs of A's row chunks (8 x 48, the largest chunk), so each of A's 8
+    # chunks is decoded once and each of B's 8 column chunks once per slab: 8 + 8 * 8.
+    assert stored == 16 and chunk_decodes() - before == planned == 72
+
+
+def test_differences_in_the_first_and_last_slab_are_found(meshes, monkeypatch):
+    log = _ReadLog(monkeypatch)
+    report = compare_checkpoints(meshes["rows"], meshes["cols_planted"], read_budget=8 << 10)
+    (w,) = report.mismatches
+    assert len(log.sizes) > 2  # read in slabs
+    assert w.stats.n_total == 64 * 48 and w.stats.n_mismatch == 2
+    assert set(w.stats.first_indices) == {(0, 0), (63, 47)} and w.stats.max_abs == pytest.approx(1.0)
+
+
+def test_grids_on_different_axes_are_read_whole_when_the_budget_holds_them(meshes):
+    comparison = Comparison(meshes["rows"], meshes["cols"])  # default budget: 12 KiB a side fits
+    planned, stored = planned_decodes(comparison)
+    before = chunk_decodes()
+    assert comparison.run().passed
+    assert chunk_decodes() - before == planned == stored == 16
