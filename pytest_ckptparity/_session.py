@@ -172,6 +172,7 @@ def build_settings(config: pytest.Config) -> Settings:
         "format_a": s.format_a,
         "format_b": s.format_b,
         "ignore_rngs": s.ignore_rngs,
+        "scan_axis": _scan_axis_option(opt.ckpt_scan_axis),
     }
     budget = opt.ckpt_read_budget if opt.ckpt_read_budget is not None else (config.getini("ckpt_read_budget") or None)
     if budget is not None:
@@ -179,6 +180,18 @@ def build_settings(config: pytest.Config) -> Settings:
         kwargs["read_budget"] = mib_to_bytes(source, str(budget))
     s.helper_kwargs = kwargs
     return s
+
+
+def _scan_axis_option(text: Optional[str]) -> Any:
+    if text is None:
+        return None
+    from pytest_ckptparity.api import parse_scan_axis
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    try:
+        return parse_scan_axis("--ckpt-scan-axis", text)
+    except CkptParityUsageError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def _tolerance_option(config: pytest.Config, which: str) -> tuple[Any, str]:

@@ -125,6 +125,15 @@ def _scan_axes(scan_axis: Any) -> tuple[Optional[int], Optional[int]]:
     return pair  # type: ignore[return-value]
 
 
+def parse_scan_axis(source: str, text: str) -> Union[int, tuple[int, int]]:
+    """`1` (both sides) or `0,1` (A's axis, B's axis), as `--scan-axis` / `--ckpt-scan-axis` take it."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+        axes = tuple(int(p) for p in parts)
+        return axes[0] if len(axes) == 1 else axes  # type: ignore[return-value]
+    raise CkptParityUsageError(f"{source} must be an axis for both sides or two axes 'A,B' (e.g. {source} 0,1), got {text!r}.")
+
+
 def _check_step(name: str, value: Any) -> Optional[int]:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise CkptParityUsageError(f"{name} must be a non-negative integer, got {value!r}.")

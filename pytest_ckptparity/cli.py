@@ -46,6 +46,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype-policy", choices=("strict", "cast"), default="strict")
     p.add_argument("--format-a", metavar="LAYOUT", help="force A's layout")
     p.add_argument("--format-b", metavar="LAYOUT", help="force B's layout")
+    p.add_argument("--scan-axis", metavar="AXIS[,AXIS_B]", help="the axis layer stacks are stored on, for both sides or per side (default: recorded in the checkpoint, else 1)")
     p.add_argument("--compare-rngs", action="store_true", help="also compare NNX RNG state")
     p.add_argument("--no-equal-nan", action="store_true", help="a NaN never equals a NaN")
     p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 256; a larger stored chunk is still read whole)")
@@ -168,7 +169,7 @@ def _out(text: str) -> None:
 
 
 def run_compare(argv: Sequence[str]) -> int:
-    from pytest_ckptparity.api import Comparison, make_options, parse_key_values
+    from pytest_ckptparity.api import Comparison, make_options, parse_key_values, parse_scan_axis
     from pytest_ckptparity.report import comparison_record, json_document, render
 
     args = _compare_parser().parse_args(argv)
@@ -185,6 +186,7 @@ def run_compare(argv: Sequence[str]) -> int:
             args.a, args.b, step=args.step, step_a=args.step_a, step_b=args.step_b,
             storage_options=parse_key_values("--storage-option", args.storage_option) or None,
             format_a=args.format_a, format_b=args.format_b, ignore_rngs=not args.compare_rngs, options=options,
+            scan_axis=None if args.scan_axis is None else parse_scan_axis("--scan-axis", args.scan_axis),
         )
     for w in caught:
         print(f"ckptparity: warning: {w.message}", file=sys.stderr)

@@ -47,6 +47,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt", dest="ckpt_named", action="append", metavar="NAME=PATH", help="a named checkpoint for ckpt(name) and ckpt_matrix (repeatable).")
     g.addoption("--ckpt-format-a", dest="ckpt_format_a", metavar="LAYOUT", help="force A's layout instead of detecting it.")
     g.addoption("--ckpt-format-b", dest="ckpt_format_b", metavar="LAYOUT", help="force B's layout instead of detecting it.")
+    g.addoption("--ckpt-scan-axis", dest="ckpt_scan_axis", metavar="AXIS[,AXIS_B]", help="the axis layer stacks are stored on, for both sides or per side (default: recorded in the checkpoint, else 1).")
     g.addoption("--ckpt-compare-rngs", dest="ckpt_compare_rngs", action="store_true", help="also compare NNX RNG state (ignored by default).")
     g.addoption("--ckpt-read-budget", dest="ckpt_read_budget", metavar="MIB", help="decoded array data held at once per comparison, in MiB (default: 256; a larger stored chunk is still read whole).")
     g.addoption("--ckpt-update-fingerprints", dest="ckpt_update_fingerprints", action="store_true", help="write or refresh the ckpt_fingerprint files instead of asserting against them; delete unused ones.")
@@ -210,7 +211,7 @@ def _comparison(config: pytest.Config, settings: Settings) -> Any:
         b = open_cached(config, settings.ckpt_b, "B", settings.step_b)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            config.stash[comparison_key] = Comparison(a, b, options=options, **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs")})
+            config.stash[comparison_key] = Comparison(a, b, options=options, **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs", "scan_axis")})
         if not _is_worker(config):  # once per run, in the warnings summary (workers stay quiet)
             for w in caught:
                 config.issue_config_time_warning(w.message, stacklevel=2)

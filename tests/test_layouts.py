@@ -291,3 +291,21 @@ def test_property_writers_round_trip_through_orbax_too(tmp_path):
     names = sorted(saved)
     for x, y in zip(names, names[1:] + names[:1]):
         assert_ckpt_parity(saved[x], saved[y], include="params", atol=0, rtol=0)
+
+
+def test_the_scan_axis_is_stated_on_the_command_line_and_in_pytest(axis0, variants, capsys, pytester):
+    assert cli_main([axis0, variants["linen_scan"], "--include", "params", "--color", "no"]) == 1
+    assert "pass scan_axis=(0, 1) if A stacks its layers on axis 0" in capsys.readouterr().out
+    assert cli_main([axis0, variants["linen_scan"], "--scan-axis", "0,1", "--color", "no", "--atol", "0", "--rtol", "0"]) == 0
+    assert "checkpoint parity: 39 leaves match" in capsys.readouterr().out
+    assert cli_main([axis0, variants["linen_scan"], "--scan-axis", "zero"]) == 2
+    assert "--scan-axis must be an axis for both sides or two axes 'A,B'" in capsys.readouterr().err
+
+    base = ("-p", "no:cacheprovider", f"--ckpt-a={axis0}", f"--ckpt-b={variants['linen_scan']}", "--ckpt-include=params")
+    failing = pytester.runpytest_subprocess(*base)
+    assert failing.ret == 1
+    failing.stdout.fnmatch_lines(["*[[]layout[]]*"])
+    passing = pytester.runpytest_subprocess(*base, "--ckpt-scan-axis=0,1")
+    assert passing.ret == 0
+    bad = pytester.runpytest_subprocess(*base, "--ckpt-scan-axis=0,1,2")
+    assert bad.ret == 4 and "--ckpt-scan-axis must be an axis for both sides or two axes 'A,B'" in bad.stderr.str()
