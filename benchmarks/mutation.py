@@ -54,12 +54,14 @@ FUNCTIONS = {
     "normalize": [
         "x__layer_key", "x__scan_axis", "x_canonical_path", "x__opt_state", "x_normalize", "x__canonical_chunk",
         "x__is_decode", "x__resolve_layout", "x__apply_renames", "xǁNormalizedViewǁread", "xǁTreeFactsǁ*",
+        "x_strip_wrappers", "x__is_older_nnx", "x__is_nnx",
     ],
     "diff": [
         "x__kind", "x_resolve_tolerance", "x_lower_precision", "x__pieces", "x__bitwise_equal", "x_compare_block",
         "x__exact_piece", "x__tolerant_piece", "x__fold_max_rel", "x__record_mismatches", "xǁ_Accumulatorǁ*",
         "x_chunk_alignment", "x__blocks", "x__counter", "x__structural", "x_scoped_paths", "x_diff_views",
         "x__run_jobs", "x__block_bytes", "x__compare_values", "x__finish",
+        "x__layout_differs", "x_groups_left_out",
     ],
     "sources": [
         "x__is_committed_step", "x__item_subfolder", "x__refuse_if_code_file", "x__steps", "x__locate",
@@ -86,7 +88,7 @@ SLIPS = [
      "param_scan_axis from the metadata is ignored", ["tests/test_layer_stacks.py"]),
     ("normalize.py", "        return NON_PARAM_SCAN_AXIS\n", "        return DEFAULT_SCAN_AXIS\n",
      "RNG state stacked on the weights' axis", ["tests/test_layer_stacks.py"]),
-    ("_session.py", '"leaves_mismatched": len({l["path"] for l in bad}),', '"leaves_mismatched": len(bad),',
+    ("report.py", '            key = (pair, leaf["path"])\n', '            key = (pair, leaf["path"], str(leaf.get("layer_range")))\n',
      "the summary counts rows, not distinct leaves", ["tests/test_summary_counts.py"]),
     ("diff.py", "        first = s.start - s.start % b", "        first = s.start - s.start % b + b",
      "block reads skip the first block of a split axis", ["tests/test_tolerance_and_blocks.py"]),
