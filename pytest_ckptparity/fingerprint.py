@@ -560,6 +560,8 @@ def from_json(text: str, where: str = "<fingerprint>") -> Fingerprint:
 
 
 def read_fingerprint(path: Union[str, os.PathLike]) -> Fingerprint:
+    if isinstance(path, str) and "://" in path:  # never mangle a URL into a local path
+        raise CkptParityUsageError(f"fingerprint file '{path}' is a URL; fingerprint files are read from local disk: copy it here first.", path=path)
     p = Path(path)
     if not p.is_file():
         if p.is_dir():

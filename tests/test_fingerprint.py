@@ -488,3 +488,12 @@ def test_a_scoped_fingerprint_checks_only_its_scope_and_says_so(variants, tmp_pa
     assert "B is a fingerprint taken with include=['params']: 27 leaves of A outside it are left out" in report.notes
     with pytest.raises(CkptParityUsageError, match="no leaf of .* is in scope"):
         take_fingerprint(variants["linen_scan"], include="nothing/**")
+
+
+def test_a_fingerprint_url_is_refused_in_one_sentence_never_mangled(samples, capsys):
+    from pytest_ckptparity.cli import main
+
+    assert main([samples["maxtext_nnx_scan"], "gs://bucket/golden/x.json"]) == 2
+    err = capsys.readouterr().err
+    assert "fingerprint file 'gs://bucket/golden/x.json' is a URL; fingerprint files are read from local disk" in err
+    assert "gs:/bucket" not in err
