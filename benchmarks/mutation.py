@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Fast, in-process tests that exercise normalize, diff and sources (no pytester or CLI
 # subprocesses: mutmut only sees calls made in its own process, and those are slow).
 TESTS = [
-    "tests/test_diff.py", "tests/test_normalize.py", "tests/test_sources.py", "tests/test_reading.py",
+    "tests/test_diff.py", "tests/test_normalize.py", "tests/test_layouts.py", "tests/test_stored_bytes.py",
+    "tests/test_sources.py", "tests/test_reading.py",
     "tests/test_step_item_selection.py", "tests/test_layer_stacks.py", "tests/test_tolerance_and_blocks.py",
     "tests/test_properties.py", "tests/test_bad_input.py", "tests/test_leaf_reading.py", "tests/test_layout_detection.py",
 ]
