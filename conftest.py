@@ -96,3 +96,17 @@ def demo_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from pytest_ckptparity.examples import write_examples
 
     return write_examples(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def two_steps(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A CheckpointManager root with committed steps 1 and 5 and an unfinished step 9."""
+    import numpy as np
+
+    from pytest_ckptparity import examples as ex
+
+    root = tmp_path_factory.mktemp("steps") / "run"
+    ex.save(root, {"params": {"w": np.full(3, 1.0, np.float32), "n": np.arange(3)}}, step=1)
+    ex.save(root, {"params": {"w": np.full(3, 2.0, np.float32), "n": np.arange(3)}}, step=5)
+    (root / "9.orbax-checkpoint-tmp-123").mkdir()
+    return str(root)

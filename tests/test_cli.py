@@ -22,16 +22,6 @@ def cli(*args: str, module: str = "pytest_ckptparity") -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def two_steps(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A CheckpointManager root with committed steps 1 and 5 and an unfinished step 9."""
-    root = tmp_path_factory.mktemp("steps") / "run"
-    ex.save(root, {"params": {"w": np.full(3, 1.0, np.float32), "n": np.arange(3)}}, step=1)
-    ex.save(root, {"params": {"w": np.full(3, 2.0, np.float32), "n": np.arange(3)}}, step=5)
-    (root / "9.orbax-checkpoint-tmp-123").mkdir()
-    return str(root)
-
-
-@pytest.fixture(scope="module")
 def sixty_differ(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """Two bare orbax folders of 60 small leaves, every one of which differs."""
     root = tmp_path_factory.mktemp("sixty")

@@ -247,18 +247,6 @@ def test_loading_the_plugin_imports_nothing_heavy():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_steps(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A CheckpointManager root with committed steps 1 and 5 and an unfinished step 9."""
-    from pytest_ckptparity import examples as ex
-
-    root = tmp_path_factory.mktemp("steps") / "run"
-    ex.save(root, {"params": {"w": np.full(3, 1.0, np.float32), "n": np.arange(3)}}, step=1)
-    ex.save(root, {"params": {"w": np.full(3, 2.0, np.float32), "n": np.arange(3)}}, step=5)
-    (root / "9.orbax-checkpoint-tmp-123").mkdir()
-    return str(root)
-
-
 @pytest.mark.parametrize("xdist", XDIST)
 def test_a_scope_typo_is_a_usage_error(pytester, samples, xdist):
     pair = (f"--ckpt-a={samples['maxtext_nnx_scan']}", f"--ckpt-b={samples['maxtext_nnx_noscan']}")
