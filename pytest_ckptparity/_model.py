@@ -50,6 +50,18 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class LayerDrift:
+    """How far one layer of a layered leaf drifted: the largest |a - b|, the largest
+    |a - b| / |b| and the headroom (|a - b| / (atol + rtol * |b|), above 1 is a mismatch).
+    All 0 when the layer is identical on both sides."""
+
+    layer: int
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    headroom: float = 0.0
+
+
+@dataclass(frozen=True)
 class ValueStats:
     """Element-wise outcome for one leaf (or one slice of it), in canonical coordinates.
 
@@ -72,6 +84,8 @@ class ValueStats:
     # that differs.
     headroom: float = 0.0
     headroom_index: Optional[Index] = None
+    # Per layer of a layered leaf (every layer compared, in order): where the drift is.
+    layer_drift: tuple[LayerDrift, ...] = ()
 
 
 @dataclass(frozen=True)

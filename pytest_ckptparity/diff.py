@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from pytest_ckptparity._model import (
-    DTYPE, LAYOUT, ONLY_IN_A, ONLY_IN_B, SHAPE, VALUES, LeafResult, ParityReport, Tolerance, ValueStats,
+    DTYPE, LAYOUT, ONLY_IN_A, ONLY_IN_B, SHAPE, VALUES, LayerDrift, LeafResult, ParityReport, Tolerance, ValueStats,
 )
 from pytest_ckptparity._paths import glob_match, in_scope
 from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
@@ -134,13 +134,14 @@ def _np_dtype(name: str) -> np.dtype:
 # --------------------------------------------------------------------------------------
 
 
-def _pieces(shape: tuple[int, ...], limit: int) -> Iterator[tuple[slice, ...]]:
-    """Slices over leading axes, each covering at most `limit` elements, in C order."""
+def _pieces(shape: tuple[int, ...], limit: int, per_row: bool = False) -> Iterator[tuple[slice, ...]]:
+    """Slices over leading axes, each covering at most `limit` elements, in C order; with
+    `per_row` none spans two indices of the first axis (a layered leaf: one layer each)."""
     if not shape:
         yield ()
         return
     inner = math.prod(shape[1:])
-    if inner <= limit:
+    if inner <= limit and not per_row:
         step = max(1, limit // max(inner, 1))
         for s in range(0, shape[0], step):
             yield (slice(s, min(s + step, shape[0])),)
@@ -166,6 +167,7 @@ class _Accumulator:
         self.worst: Optional[tuple[float, tuple[int, ...], Any, Any]] = None
         self.first: list[tuple[int, ...]] = []
         self.layers: set[int] = set()
+        self.layer_drift: dict[int, list[float]] = {}  # layer -> [max_abs, max_rel, headroom]
         self.bytes_read = 0
 
     def merge(self, other: "_Accumulator") -> None:
@@ -182,6 +184,13 @@ class _Accumulator:
             self.worst = other.worst
         self.first.extend(other.first[: max(0, FIRST_INDICES - len(self.first))])
         self.layers |= other.layers
+        for layer, figures in other.layer_drift.items():
+            mine = self.layer_drift.setdefault(layer, [0.0, 0.0, 0.0])
+            mine[:] = [max(x, y) for x, y in zip(mine, figures)]
+
+    def fold_layer(self, layer: int) -> None:
+        """This accumulator covers one piece within `layer`: its figures are that layer's."""
+        self.layer_drift[layer] = [self.max_abs, self.max_rel, self.headroom]
 
     def stats(self) -> ValueStats:
         w = self.worst
@@ -191,6 +200,7 @@ class _Accumulator:
             max_abs=self.max_abs, max_rel=self.max_rel,
             worst_index=w[1] if w else None, worst_a=w[2] if w else None, worst_b=w[3] if w else None,
             first_indices=tuple(self.first), mismatched_layers=tuple(sorted(self.layers)),
+            layer_drift=tuple(LayerDrift(k, *v) for k, v in sorted(self.layer_drift.items())),
         )
 
 
@@ -223,7 +233,7 @@ def compare_block(
     origin = origin or (0,) * a.ndim
     floating = a.dtype.kind in "fc" or _kind(a.dtype.name) == "float"
     differing = []
-    for piece in _pieces(a.shape, PIECE_ELEMENTS):
+    for piece in _pieces(a.shape, PIECE_ELEMENTS, per_row=layered and a.ndim > 0):
         pa, pb = a[piece], b[piece]
         acc.n_total += pa.size
         if not pa.size:
@@ -255,6 +265,8 @@ def compare_block(
         if part.headroom_flat is not None:
             local = np.unravel_index(part.headroom_flat, pa.shape) if pa.ndim else ()
             part.headroom_index = tuple(int(s + l) for s, l in zip(starts, local))
+        if layered and starts:
+            part.fold_layer(starts[0])
         return part
 
     parts = map(work, differing) if len(differing) == 1 else _pool().map(work, differing)
@@ -923,8 +935,12 @@ def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: C
 
 
 def _finish(job: _Job) -> LeafResult:
-    stats = job.acc.stats()
     la, lb = job.la, job.lb
+    if la.layers is not None:  # layers never decoded (identical pieces or stored bytes) drifted 0
+        start, stop = job.layer_range or (0, la.layers)
+        for layer in range(start, stop):
+            job.acc.layer_drift.setdefault(layer, [0.0, 0.0, 0.0])
+    stats = job.acc.stats()
     return LeafResult(
         job.path, VALUES if stats.n_mismatch else None,
         shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype,

@@ -173,3 +173,26 @@ def test_bad_option_values_are_usage_errors(kwargs, fragment):
 ])
 def test_globs(path, pattern, hit):
     assert glob_match(path, pattern) is hit
+
+
+def test_layer_drift_locates_the_drifting_layer_and_leaves_the_others_at_zero():
+    """Per-layer figures (issue 14): a layered leaf keeps max |a-b|, max rel and headroom per
+    layer, so a report can show where a model drifts; identical layers stay 0."""
+    from pytest_ckptparity import compare_checkpoints
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 8, 16)).astype(np.float32)
+    w2 = w.copy()
+    w2[2] += 1e-3           # beyond tolerance: a mismatch in layer 2
+    w2[3, 0, 0] += 1e-6     # within tolerance: headroom below 1 in layer 3
+    tree = lambda k: {"params": {"decoder": {"layers": {"mlp": {"kernel": k}}}}}
+    report = compare_checkpoints(tree(w), tree(w2), scan_axis=0)
+    (leaf,) = report.results
+    drift = leaf.stats.layer_drift
+    assert [d.layer for d in drift] == [0, 1, 2, 3]
+    assert drift[0].headroom == drift[1].headroom == 0.0 and drift[0].max_abs == 0.0
+    assert drift[2].headroom > 1.0 and abs(drift[2].max_abs - 1e-3) < 1e-5
+    assert 0.0 < drift[3].headroom < 1.0
+    assert leaf.stats.mismatched_layers == (2,)
+    assert max(d.headroom for d in drift) == leaf.stats.headroom
+    assert leaf.to_dict()["stats"]["layer_drift"][2]["layer"] == 2
