@@ -51,6 +51,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-equal-nan", action="store_true", help="a NaN never equals a NaN")
     p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 256; a larger stored chunk is still read whole)")
     p.add_argument("--report", metavar="PATH", help="write every leaf's result and the totals as JSON")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML page: per-layer heatmap, worst leaves, mismatch table (needs pytest-ckptparity[html])")
     p.add_argument("--max-rows", type=_non_negative_int, metavar="N", help=f"mismatch rows shown before '... and K more' (default {ROWS_DEFAULT}, {ROWS_VERBOSE} with -v; 0: all)")
     p.add_argument("-v", "--verbose", action="count", default=0, help=f"more rows: -v shows {ROWS_VERBOSE}, -vv all")
     p.add_argument("--color", choices=("auto", "yes", "no"), default="auto")
@@ -173,6 +174,7 @@ def run_compare(argv: Sequence[str]) -> int:
     from pytest_ckptparity.report import comparison_record, json_document, render
 
     args = _compare_parser().parse_args(argv)
+    _check_html_option(args.html)
     _keep_freed_memory_for_reuse()
     options = make_options(
         atol=args.atol, rtol=args.rtol, tolerances=_tolerances(args.tolerance),
@@ -194,11 +196,30 @@ def run_compare(argv: Sequence[str]) -> int:
         report = run_with_progress(comparison)
     else:
         report = comparison.run()
-    _out(render(report, color=_color(args.color), max_rows=_max_rows(args), more_hint=MORE_HINT))
+    _out(render(report, color=_color(args.color), max_rows=_max_rows(args), more_hint=MORE_HINT, layer_strips=True))
     if args.report:
         document = json_document([comparison_record(report)], tool="ckptparity")
         Path(args.report).write_text(json.dumps(document, indent=1, sort_keys=True))
+    _write_html(args.html, [comparison_record(report)])
     return EXIT_PARITY if report.passed else EXIT_MISMATCH
+
+
+def _check_html_option(path: Optional[str]) -> None:
+    """--html: plotly present and a writable place, before any checkpoint is read."""
+    if path is not None:
+        from pytest_ckptparity.drift_page import check_output_path, require_plotly
+
+        check_output_path(path, "--html")
+        require_plotly()
+
+
+def _write_html(path: Optional[str], records: list[dict[str, Any]]) -> None:
+    if path is not None:
+        from pytest_ckptparity.drift_page import write_page
+        from pytest_ckptparity.report import json_document
+
+        write_page(json_document(records, tool="ckptparity"), path)
+        print(f"HTML report: {path}", file=sys.stderr)
 
 
 def run_inspect(argv: Sequence[str]) -> int:

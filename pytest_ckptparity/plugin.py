@@ -44,6 +44,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt-dtype-policy", dest="ckpt_dtype_policy", choices=POLICY_CHOICES, default="strict", help="strict: a dtype difference is a mismatch; cast: compare in the lower precision.")
     g.addoption("--ckpt-split", dest="ckpt_split", choices=SPLIT_CHOICES, default="layer", help="granularity of generated items (default: layer).")
     g.addoption("--ckpt-report", dest="ckpt_report", metavar="PATH", help="write every leaf's result and the totals as JSON.")
+    g.addoption("--ckpt-html", dest="ckpt_html", metavar="PATH", help="write a self-contained HTML drift report (per-layer heatmap, worst leaves, mismatches); needs pytest-ckptparity[html].")
     g.addoption("--ckpt", dest="ckpt_named", action="append", metavar="NAME=PATH", help="a named checkpoint for ckpt(name) and ckpt_matrix (repeatable).")
     g.addoption("--ckpt-format-a", dest="ckpt_format_a", metavar="LAYOUT", help="force A's layout instead of detecting it.")
     g.addoption("--ckpt-format-b", dest="ckpt_format_b", metavar="LAYOUT", help="force B's layout instead of detecting it.")
@@ -90,6 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ckpt_parity(**kwargs): override assert_ckpt_parity options (atol, rtol, include, exclude, ...) for the ckpt_parity fixture of one test.")
     config.addinivalue_line("markers", "ckpt_matrix(*names): run the test once per pair of named checkpoints (fixture ckpt_pair), ids like 'a-vs-b'.")
     settings = build_settings(config)
+    _check_html_option(config)
     config.stash[settings_key] = settings
     config.stash[stats_key] = RunStats()
 
@@ -108,6 +110,20 @@ def pytest_configure(config: pytest.Config) -> None:
     from pytest_ckptparity._fingerprint_plugin import FingerprintTracker
 
     config.pluginmanager.register(FingerprintTracker(config), "ckptparity-fingerprints")
+
+
+def _check_html_option(config: pytest.Config) -> None:
+    """--ckpt-html: plotly present and a place to write, before any test runs."""
+    path = config.getoption("ckpt_html", None)
+    if path and not _is_worker(config):
+        from pytest_ckptparity.drift_page import check_output_path, require_plotly
+        from pytest_ckptparity.errors import CkptParityUsageError
+
+        try:
+            check_output_path(path, "--ckpt-html")
+            require_plotly()
+        except CkptParityUsageError as e:
+            raise pytest.UsageError(str(e)) from None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -413,7 +429,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             payload = failure_payload(item, excinfo)
             rep.ckptparity_failure = payload  # plain data: crosses to the xdist controller with the report
             rep.longrepr = failure_repr(payload)
+    if call.when == "call" and stats is not None and item.config.pluginmanager.hasplugin("html"):
+        _attach_html_extra(item, rep, stats)
     return rep
+
+
+def _attach_html_extra(item: pytest.Item, rep: pytest.TestReport, stats: RunStats) -> None:
+    """With pytest-html: a generated item's comparisons, or a test's failing ones, as a small
+    coloured table in its row of the HTML report (plain data, so it crosses xdist too)."""
+    from pytest_ckptparity._items import CkptParityItem
+
+    generated = isinstance(item, CkptParityItem)
+    records = [r for r in stats.records if r.get("test") == item.nodeid and (generated or not (r.get("passed") or r.get("expected_failure")))]
+    if records:
+        import pytest_html
+
+        from pytest_ckptparity.drift_page import item_fragment
+
+        rep.extras = [*getattr(rep, "extras", []), pytest_html.extras.html(item_fragment(records))]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -443,6 +476,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         from pytest_ckptparity.report import json_document
 
         Path(path).write_text(json.dumps(json_document(stats.records, tool="pytest", totals=stats.totals()), indent=1, sort_keys=True))
+    _write_html_report(config, stats)
+
+
+def _write_html_report(config: pytest.Config, stats: RunStats) -> None:
+    """--ckpt-html: the drift page from the run's merged records (the JSON report's document)."""
+    path = config.getoption("ckpt_html", None)
+    if path:
+        from pytest_ckptparity.drift_page import write_page
+        from pytest_ckptparity.report import json_document
+
+        write_page(json_document(stats.records, tool="pytest", totals=stats.totals()), path)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -458,3 +502,5 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     report_path = config.stash[settings_key].report_path
     if report_path:
         tr.write_line(f"JSON report: {report_path}")
+    if config.getoption("ckpt_html", None):
+        tr.write_line(f"HTML report: {config.getoption('ckpt_html')}")

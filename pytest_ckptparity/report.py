@@ -145,8 +145,59 @@ def _header(report: ParityReport) -> list[str]:
 
 MORE_HINT = "use -vv or max_rows=None to see all"
 
+# --------------------------------------------------------------------------------------
+# The per-layer strip: one cell per layer of a failing layer stack, coloured by headroom
+# --------------------------------------------------------------------------------------
 
-def render_plain(report: ParityReport, max_rows: Optional[int] = DEFAULT_MAX_ROWS, *, more_hint: str = MORE_HINT) -> str:
+STRIP_CELLS = 96  # a deeper stack shows the worst of several layers per cell
+STRIP_LEVELS = ((0.0, ".", "grey50"), (0.1, "-", "green"), (1.0, "+", "yellow"), (float("inf"), "#", "bold red"))
+STRIP_LEGEND = ". identical  - below 0.1 of the tolerance  + up to the tolerance  # beyond it"
+
+
+def _strip_level(h: float) -> tuple[str, str]:
+    for bound, char, style in STRIP_LEVELS:
+        if h <= bound:
+            return char, style
+    return STRIP_LEVELS[-1][1:]
+
+
+def strip_cells(r: LeafResult) -> tuple[list[tuple[str, str]], int]:
+    """(char, rich style) per cell and how many layers one cell covers."""
+    drift = r.stats.layer_drift if r.stats else ()
+    per = max(1, -(-len(drift) // STRIP_CELLS))
+    cells = [_strip_level(max(d.headroom for d in drift[i:i + per])) for i in range(0, len(drift), per)]
+    return cells, per
+
+
+def strip_leaves(report: ParityReport, max_rows: Optional[int]) -> list[LeafResult]:
+    """The failing layer stacks among the rows shown."""
+    bad = report.mismatches if max_rows is None else report.mismatches[:max_rows]
+    return [r for r in bad if r.kind == VALUES and r.stats is not None and r.stats.layer_drift]
+
+
+def strip_caption(r: LeafResult, per: int) -> str:
+    drift = r.stats.layer_drift if r.stats else ()
+    worst = max(drift, key=lambda d: d.headroom)
+    first, last = drift[0].layer, drift[-1].layer
+    span = f"layers {first}-{last}" + (f", {per} per cell" if per > 1 else "")
+    return f"{span}; worst layer {worst.layer}: headroom {_num(worst.headroom)}, max abs diff {_num(worst.max_abs)}"
+
+
+def layer_strip_lines(report: ParityReport, max_rows: Optional[int] = DEFAULT_MAX_ROWS) -> list[str]:
+    """Plain text: `  path  |..#.|  layers 0-3; worst layer 2: headroom 41, max abs diff 0.5`."""
+    leaves = strip_leaves(report, max_rows)
+    if not leaves:
+        return []
+    lines = ["per-layer headroom (" + STRIP_LEGEND + "):"]
+    for r in leaves:
+        cells, per = strip_cells(r)
+        lines.append(f"  {r.path}  |{''.join(c for c, _ in cells)}|  {strip_caption(r, per)}")
+    return lines
+
+
+def render_plain(
+    report: ParityReport, max_rows: Optional[int] = DEFAULT_MAX_ROWS, *, more_hint: str = MORE_HINT, layer_strips: bool = False,
+) -> str:
     lines = [summary_line(report), *_header(report)]
     bad = report.mismatches
     shown = bad if max_rows is None else bad[:max_rows]
@@ -154,12 +205,14 @@ def render_plain(report: ParityReport, max_rows: Optional[int] = DEFAULT_MAX_ROW
         lines.append(f"  {located_path(r)}  [{kind_text(r, report.names)}] {_shape_dtype(r)}: {describe_mismatch(r, report.names)}")
     if len(shown) < len(bad):
         lines.append(f"  ... and {len(bad) - len(shown)} more ({more_hint})")
+    if layer_strips:
+        lines.extend(layer_strip_lines(report, max_rows))
     return "\n".join(lines)
 
 
 def render_rich(
     report: ParityReport, max_rows: Optional[int] = DEFAULT_MAX_ROWS, *, color: bool = True, width: int = 160,
-    more_hint: str = MORE_HINT,
+    more_hint: str = MORE_HINT, layer_strips: bool = False,
 ) -> str:
     """A rich table as text (ANSI colours when `color`). Every cell is literal text: a path
     such as `kernel [layer 1]` is never read as rich markup."""
@@ -186,7 +239,31 @@ def render_rich(
         console.print(table)
         if len(shown) < len(bad):
             console.print(Text(f"... and {len(bad) - len(shown)} more ({more_hint})"))
+    if layer_strips:
+        _print_layer_strips(console, report, max_rows)
     return buf.getvalue().rstrip("\n")
+
+
+def _print_layer_strips(console: Any, report: ParityReport, max_rows: Optional[int]) -> None:
+    """One coloured cell per layer of each failing stack, the worst layer named."""
+    from rich.text import Text
+
+    leaves = strip_leaves(report, max_rows)
+    if not leaves:
+        return
+    legend = Text()
+    legend.append("per-layer headroom: ", style="bold")
+    for _, char, style in STRIP_LEVELS:
+        legend.append("\u2588", style=style)
+    legend.append(" identical, below 0.1, up to, beyond the tolerance", style="dim")
+    console.print(legend)
+    for r in leaves:
+        cells, per = strip_cells(r)
+        line = Text(f"  {r.path}  ")
+        for _, style in cells:
+            line.append("\u2588", style=style)
+        line.append(f"  {strip_caption(r, per)}", style="dim")
+        console.print(line)
 
 
 def color_terminal(stream: Any = None) -> bool:
@@ -200,12 +277,16 @@ def color_terminal(stream: Any = None) -> bool:
 
 def render(
     report: ParityReport, *, color: Optional[bool] = None, max_rows: Optional[int] = DEFAULT_MAX_ROWS, more_hint: str = MORE_HINT,
+    layer_strips: bool = False,
 ) -> str:
     """The report as text: a rich table with colours on a colour terminal (or `color=True`),
-    plain text otherwise. `max_rows` caps the mismatch rows (None: all)."""
+    plain text otherwise. `max_rows` caps the mismatch rows (None: all). `layer_strips` adds
+    one line per failing layer stack: a cell per layer coloured by headroom (the CLI's)."""
     if color is None:
         color = color_terminal()
-    return render_rich(report, max_rows, color=True, more_hint=more_hint) if color else render_plain(report, max_rows, more_hint=more_hint)
+    if color:
+        return render_rich(report, max_rows, color=True, more_hint=more_hint, layer_strips=layer_strips)
+    return render_plain(report, max_rows, more_hint=more_hint, layer_strips=layer_strips)
 
 
 # --------------------------------------------------------------------------------------
@@ -337,5 +418,5 @@ def json_document(records: list[dict[str, Any]], *, tool: str, totals: Optional[
 
 __all__ = (
     "render", "render_plain", "render_rich", "summary_line", "describe_mismatch", "located_path", "kind_text",
-    "headroom_text", "DEFAULT_MAX_ROWS", "JSON_SCHEMA", "comparison_record", "run_totals", "json_document", "summary_lines",
+    "headroom_text", "layer_strip_lines", "DEFAULT_MAX_ROWS", "JSON_SCHEMA", "comparison_record", "run_totals", "json_document", "summary_lines",
 )

@@ -1,0 +1,347 @@
+"""The drift report: the HTML page (CLI `--html`, pytest `--ckpt-html`), the pytest-html extras,
+the terminal's per-layer strip, and the page as real headless Chromium renders it."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_ckptparity import cli
+from pytest_ckptparity import drift_page as dp
+
+XDIST = [pytest.param([], id="no-xdist"), pytest.param(["-n", "2"], id="n2")]
+WI0 = "params/decoder/layers/mlp/wi_0/kernel"
+WO = "params/decoder/layers/mlp/wo/kernel"
+STEPS = (1, 2, 3, 4)
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args)
+
+
+def figure_data(page: str, div_id: str) -> list[dict]:
+    """The traces plotly is given for one figure of the page, parsed back from its script."""
+    at = page.index(f'"{div_id}",')
+    start = page.index("[", at)
+    data, _ = json.JSONDecoder().raw_decode(page[start:])
+    return data
+
+
+def page_without_plotlyjs(page: str) -> str:
+    """The page's own HTML: everything but the embedded plotly.js bundle."""
+    head_end = page.index("</script></head>")
+    return page[: page.index("<script", 0)] + page[head_end:]
+
+
+@pytest.fixture(scope="module")
+def demo_page(tmp_path_factory, demo_ckpts) -> dict:
+    """The CLI's page and JSON for the demo's failing pair (layer 1 of wi_0 drifted)."""
+    out = tmp_path_factory.mktemp("demo-page")
+    page, report = out / "report.html", out / "report.json"
+    code = cli.main([demo_ckpts["linen"], demo_ckpts["nnx_drift"], "--html", str(page), "--report", str(report), "--color", "no"])
+    return {"code": code, "page": page, "html": page.read_text(), "doc": json.loads(report.read_text())}
+
+
+# --------------------------------------------------------------------------------------
+# The page from the CLI
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_writes_one_self_contained_page_with_heatmap_bars_and_table(demo_page):
+    assert demo_page["code"] == cli.EXIT_MISMATCH
+    page = demo_page["html"]
+    own = page_without_plotlyjs(page)
+    # Offline: plotly.js is inside the page, nothing is fetched from a network.
+    assert "Plotly.newPlot" in page and len(page) > 3_000_000
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", own)
+    assert "parity failed" in own and "Linen TrainState, scanned on axis 1" in own and "NNX state with value wrappers" in own
+    # The mismatch table names both drifted leaves with their layer and figures.
+    table = own[own.index('<table class="mismatches">'):]
+    assert f"<td>{WI0} [layer 1]</td><td>values</td>" in table
+    assert "opt_state/0/mu/decoder/layers/mlp/wi_0/kernel [layer 1]" in table and "1/1024 (0.0977%)" in table
+    # Heatmap: one row per layered leaf of the comparison, one column per layer.
+    layered = [l for l in demo_page["doc"]["comparisons"][0]["leaves"] if l["layers"]]
+    (heat,) = figure_data(page, "heatmap-0")
+    assert heat["type"] == "heatmap" and len(heat["z"]) == len(layered) == 27 and all(len(r) == 2 for r in heat["z"])
+    row = heat["y"].index(WI0)
+    assert heat["z"][row][0] is None  # layer 0 identical: no colour on a log scale (grey)
+    assert heat["z"][row][1] == dp.LOG_MAX  # 4.87e4 of the allowance saturates the scale ...
+    assert heat["customdata"][row][1] == ["1", "0.5", "2.52", "4.87e+04"]  # ... the hover tells the figures
+    # Bars: the three leaves that drifted at all, the worst on top (last).
+    (bars,) = figure_data(page, "worst-0")
+    assert bars["y"] == ["opt_state/0/nu/decoder/layers/mlp/wi_0/kernel", "opt_state/0/mu/decoder/layers/mlp/wi_0/kernel", WI0]
+    assert bars["customdata"][-1][4] == "MISMATCH" and bars["customdata"][0][4] == "match"
+
+
+def test_the_page_is_drawn_from_the_json_document_alone(demo_page, tmp_path):
+    # The same document, read back from the JSON report, gives the same figures.
+    again = dp.render_page(demo_page["doc"])
+    assert figure_data(again, "heatmap-0") == figure_data(demo_page["html"], "heatmap-0")
+    grid = dp.layer_grid(demo_page["doc"]["comparisons"])
+    assert grid[WI0][0] == (0.0, 0.0, 0.0)
+    assert grid[WI0][1][0] == pytest.approx(0.5) and grid[WI0][1][2] == pytest.approx(48741.84, rel=1e-6)
+
+
+def test_the_terminal_strip_names_the_worst_layer(demo_ckpts, capsys):
+    assert cli.main([demo_ckpts["linen"], demo_ckpts["nnx_drift"], "--color", "no"]) == cli.EXIT_MISMATCH
+    out = capsys.readouterr().out
+    assert "per-layer headroom (. identical  - below 0.1 of the tolerance  + up to the tolerance  # beyond it):" in out
+    assert f"  {WI0}  |.#|  layers 0-1; worst layer 1: headroom 48741.8, max abs diff 0.5" in out.splitlines()
+    assert cli.main([demo_ckpts["linen"], demo_ckpts["nnx_drift"], "--color", "yes"]) == cli.EXIT_MISMATCH
+    rich_out = capsys.readouterr().out
+    assert "\x1b[" in rich_out and "\u2588" in rich_out and "worst layer 1: headroom 48741.8" in rich_out
+    # A passing comparison has no strip.
+    assert cli.main([demo_ckpts["linen"], demo_ckpts["nnx"], "--color", "no"]) == cli.EXIT_PARITY
+    assert "per-layer" not in capsys.readouterr().out
+
+
+def test_the_strip_stays_short_on_deep_stacks_and_out_of_exception_messages(demo_ckpts):
+    from pytest_ckptparity._model import LayerDrift, LeafResult, ParityReport, ValueStats
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import render_plain
+
+    bad = compare_checkpoints(demo_ckpts["linen"], demo_ckpts["nnx_drift"])
+    assert "per-layer" not in render_plain(bad)  # the helper's exception message is unchanged
+    drift = tuple(LayerDrift(i, headroom=(5.0 if i == 150 else 0.5 if i % 7 == 0 else 0.0)) for i in range(200))
+    deep = ParityReport(results=[LeafResult("w", "values", layers=200, stats=ValueStats(n_total=200, n_mismatch=1, max_abs=1.0, layer_drift=drift))])
+    (line,) = [l for l in render_plain(deep, layer_strips=True).splitlines() if l.startswith("  w  |")]
+    strip = line.split("|")[1]
+    assert len(strip) == 67 and strip[50] == "#" and strip.count("#") == 1 and strip[:3] == "+.+"  # 3 layers a cell
+    assert line.endswith("layers 0-199, 3 per cell; worst layer 150: headroom 5, max abs diff 0")
+
+
+def test_html_option_bad_paths_are_usage_errors_before_any_read(tmp_path, capsys):
+    missing = tmp_path / "nope" / "report.html"
+    assert cli.main(["/does/not/exist", "/nor/this", "--html", str(missing)]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err == f"ckptparity: error: --html {str(missing)!r}: the directory {str(missing.parent)!r} does not exist; create it or write the page elsewhere."
+    assert cli.main(["/does/not/exist", "/nor/this", "--html", str(tmp_path)]) == cli.EXIT_USAGE
+    assert "is a directory; give a file name such as" in capsys.readouterr().err
+
+
+def test_a_missing_plotly_is_one_sentence_with_the_install_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly -> ImportError
+    assert cli.main(["/does/not/exist", "/nor/this", "--html", str(tmp_path / "r.html")]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == "ckptparity: error: the HTML report needs plotly, which is not installed: pip install 'pytest-ckptparity[html]'"
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_loading_the_plugin_or_the_page_module_imports_no_plotly():
+    code = "import sys, pytest_ckptparity.plugin, pytest_ckptparity.drift_page; print(sorted(m for m in ('plotly', 'pytest_html', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_every_user_string_is_escaped(demo_ckpts, tmp_path):
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import comparison_record, json_document
+
+    evil = ("<script>alert(1)</script>", "b&<b>bold</b>")
+    record = comparison_record(compare_checkpoints(demo_ckpts["linen"], demo_ckpts["nnx_drift"], names=evil), test='t[<img src=x onerror="alert(2)">]')
+    page = dp.render_page(json_document([record], tool="test"))
+    own = page_without_plotlyjs(page)
+    assert "<script>alert(1)" not in page and "<img src=x" not in page and "<b>bold" not in own
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; vs b&amp;&lt;b&gt;bold&lt;/b&gt;" in own
+    assert "t[&lt;img src=x onerror=&quot;alert(2)&quot;&gt;]" in own
+    fragment = dp.item_fragment([record])
+    assert "<script>" not in fragment and "&lt;script&gt;alert(1)&lt;/script&gt;" in fragment
+
+
+def test_the_pytest_html_fragment_is_a_coloured_table_without_script(demo_page):
+    fragment = dp.item_fragment(demo_page["doc"]["comparisons"])
+    assert fragment.startswith('<div class="ckptparity-extra">') and "<script" not in fragment and len(fragment) < 40_000
+    assert f'<td title="layer 1: max abs 0.5, max rel 2.52, headroom 4.87e+04" style="background:{dp.headroom_color(48741.84)};' in fragment
+    assert f"<td style=\"padding-left:6px\">worst layer 1: 4.87e+04</td>" in fragment
+    assert dp.headroom_color(0.0) == dp.IDENTICAL_COLOR and dp.headroom_color(1e9) == "#9b1c1c"
+    assert dp.headroom_color(0.5) != dp.headroom_color(2.0)
+
+
+# --------------------------------------------------------------------------------------
+# Comparisons at several steps
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drift_runs(tmp_path_factory) -> dict[str, str]:
+    """Two manager roots with steps 1-4: B's layer 2 of mlp/wo drifts from step 2 on, more
+    each step; layer 1 of self_attention/query carries a drift well within tolerance."""
+    from pytest_ckptparity import examples as ex
+
+    root = tmp_path_factory.mktemp("runs")
+    base = ex.tiny_params(0, layers=4)
+    for step in STEPS:
+        ex.save(root / "a", ex.linen_train_state(base, step=step), step=step)
+        drifted = ex.tiny_params(0, layers=4)
+        drifted["decoder"]["layers"]["self_attention"]["query"]["kernel"][:, 1] += 1e-8
+        if step >= 2:
+            drifted["decoder"]["layers"]["mlp"]["wo"]["kernel"][:, 2, :] += 1e-3 * (step - 1)
+        ex.save(root / "b", ex.linen_train_state(drifted, step=step), step=step)
+    return {"a": str(root / "a"), "b": str(root / "b")}
+
+
+@pytest.fixture(scope="module")
+def steps_document(drift_runs) -> dict:
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import comparison_record, json_document
+
+    records = [comparison_record(compare_checkpoints(drift_runs["a"], drift_runs["b"], step_a=s, step_b=s, names=("before", "after"))) for s in STEPS]
+    return json_document(records, tool="test")
+
+
+def test_several_steps_draw_headroom_per_step_and_name_the_first_step_outside(steps_document):
+    (section,) = dp.sections(steps_document)  # one pair, read at four steps
+    assert section.steps == ["1", "2", "3", "4"] and section.names == ("before", "after")
+    assert dp.first_step_outside(section) == ("2", WO, 2)
+    page = dp.render_page(steps_document)
+    own = page_without_plotlyjs(page)
+    assert f"<b>First step outside tolerance: step 2</b>: {WO}, worst at layer 2" in own
+    lines = {t["name"]: t for t in figure_data(page, "steps-0")}
+    assert list(lines["params/decoder/layers/mlp/wo/kernel"]["x"]) == [1, 2, 3, 4]
+    wo = lines[WO]["y"]
+    assert wo[0] is None and 1 < wo[1] < wo[2] < wo[3]  # identical at step 1, then growing
+    query = lines["params/decoder/layers/self_attention/query/kernel"]["y"]
+    assert all(0 < h < 1 for h in query)  # drifted, within tolerance at every step
+    (by_layer,) = figure_data(page, "steps-layers-0")
+    assert len(by_layer["z"]) == 4 and all(len(r) == 4 for r in by_layer["z"])  # layers x steps
+    assert by_layer["z"][2][0] is None and by_layer["z"][2][1] > 0 > by_layer["z"][1][0]
+    # The per-layer heatmap shows the last step; the table lists the mismatches of every step.
+    assert "headroom by layer at step 4" in json.dumps(figure_data(page, "heatmap-0")) or "headroom by layer at step 4" in page
+    table = own[own.index('<table class="mismatches">'):]
+    assert table.count(f"<td>{WO} [layer 2]</td>") == 3 and "<th>step</th>" in table
+
+
+# --------------------------------------------------------------------------------------
+# pytest: --ckpt-html and pytest-html extras
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_pytest_writes_the_page_from_the_merged_records(pytester, demo_ckpts, xdist):
+    # NNX against NNX: both store a layer per array, so every layer is an item of its own.
+    result = run(pytester, f"--ckpt-a={demo_ckpts['nnx']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", "--ckpt-html=drift.html", "--ckpt-report=r.json", *xdist)
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["HTML report: drift.html"])
+    page = (pytester.path / "drift.html").read_text()
+    doc = json.loads((pytester.path / "r.json").read_text())
+    assert len(doc["comparisons"]) == 13  # one record per generated item, from every worker
+    assert {tuple(l["layer_range"]) for c in doc["comparisons"] for l in c["leaves"] if l["path"] == WI0} == {(0, 1), (1, 2)}
+    (heat,) = figure_data(page, "heatmap-0")
+    # Items split the stacks by layer; the page puts the layers of a leaf back in one row.
+    assert len(heat["z"]) == 27 and all(len(r) == 2 for r in heat["z"])
+    row = heat["y"].index(WI0)
+    assert heat["z"][row][0] is None and heat["z"][row][1] == dp.LOG_MAX
+    own = page_without_plotlyjs(page)
+    assert "ckpt-parity::params/decoder/layers[1]" in own and "parity failed" in own
+
+
+def test_pytest_html_option_bad_path_is_a_usage_error(pytester, demo_ckpts):
+    result = run(pytester, f"--ckpt-a={demo_ckpts['linen']}", f"--ckpt-b={demo_ckpts['nnx']}", "--ckpt-html=missing/drift.html")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--ckpt-html 'missing/drift.html': the directory 'missing' does not exist; create it or write the page elsewhere."])
+    assert "Traceback" not in result.stderr.str()
+
+
+USER_TESTS = """
+from pytest_ckptparity import assert_ckpt_parity
+
+def test_migration_fails():
+    assert_ckpt_parity({linen!r}, {drift!r}, names=("linen", "nnx"))
+
+def test_migration_passes():
+    assert_ckpt_parity({linen!r}, {nnx!r})
+"""
+
+
+def pytest_html_results(page: str) -> dict[str, list[dict]]:
+    """pytest-html's page keeps its results as JSON in `data-jsonblob`: test id -> its results."""
+    blob = re.search(r'data-jsonblob="([^"]*)"', page).group(1)
+    return json.loads(html.unescape(blob))["tests"]
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_pytest_html_report_carries_each_items_picture(pytester, demo_ckpts, xdist):
+    pytest.importorskip("pytest_html")
+    pytester.makepyfile(test_user=USER_TESTS.format(linen=demo_ckpts["linen"], drift=demo_ckpts["nnx_drift"], nnx=demo_ckpts["nnx"]))
+    result = run(
+        pytester, "test_user.py", f"--ckpt-a={demo_ckpts['nnx']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", "--ckpt-generate=yes",
+        "--html=report.html", "--self-contained-html", *xdist,
+    )
+    assert result.ret == 1
+    tests = pytest_html_results((pytester.path / "report.html").read_text())
+    extras = {test_id: [e for r in results for e in r.get("extras", [])] for test_id, results in tests.items()}
+    generated = [t for t in extras if t.startswith("ckpt-parity::")]
+    assert len(generated) == 13
+    for test_id in generated:  # every generated item, pass or fail, has its picture
+        (extra,) = extras[test_id]
+        assert extra["format_type"] == "html" and extra["content"].startswith('<div class="ckptparity-extra">')
+    failing = extras["ckpt-parity::params/decoder/layers[1]"][0]["content"]
+    assert f"<td style=\"padding-right:6px\">{WI0}</td>" in failing and "worst layer 1: 4.87e+04" in failing
+    assert '<table class="mismatches">' in failing and "parity failed" in failing
+    passing = extras["ckpt-parity::params/decoder/layers[0]"][0]["content"]
+    assert "<b style=\"color:#1a7f37\">parity</b>" in passing and "mismatches" not in passing
+    # A user's failing helper call has its picture; a passing one adds nothing.
+    (user,) = extras["test_user.py::test_migration_fails"]
+    assert "linen vs nnx" in user["content"] and f"{WI0} [layer 1]" in user["content"]
+    assert extras["test_user.py::test_migration_passes"] == []
+
+
+def test_without_pytest_html_nothing_changes(pytester, demo_ckpts):
+    result = run(pytester, f"--ckpt-a={demo_ckpts['nnx']}", f"--ckpt-b={demo_ckpts['nnx_drift']}", "-p", "no:html")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*2 failed, 11 passed*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+# --------------------------------------------------------------------------------------
+# The page in a real browser
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from browser import Chromium, find_chromium
+
+    binary = find_chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing in CI: .ci/run installs it with apt-get install chromium")
+        pytest.skip("Chromium is not installed (apt-get install chromium): the page is not opened in a browser")
+    with Chromium(binary, timeout=60) as browser:
+        yield browser
+
+
+def test_the_page_renders_in_chromium(chromium, demo_page, steps_document, tmp_path):
+    from browser import FIGURES_JS
+
+    chromium.open(demo_page["page"])
+    chromium.wait_for("document.querySelectorAll('.js-plotly-plot').length === 2 && Array.from(document.querySelectorAll('.js-plotly-plot')).every(gd => gd._fullData)")
+    figures = {f["id"]: f for f in chromium.evaluate(FIGURES_JS)}
+    heat = figures["heatmap-0"]
+    assert heat["drawn"] >= 1 and heat["heatmap_images"] == 1
+    assert heat["traces"][0]["type"] == "heatmap" and (heat["traces"][0]["rows"], heat["traces"][0]["cols"]) == (27, 2)
+    assert figures["worst-0"]["bars"] == 3
+    assert chromium.evaluate("document.querySelectorAll('table.mismatches tr').length") == 3  # header + 2 leaves
+    shot = chromium.screenshot(tmp_path / "page.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    # The page of a run at several steps: the step lines, the step x layer map, the heatmap.
+    steps_page = tmp_path / "steps.html"
+    dp.write_page(steps_document, str(steps_page))
+    chromium.open(steps_page)
+    chromium.wait_for("document.querySelectorAll('.js-plotly-plot').length === 4 && Array.from(document.querySelectorAll('.js-plotly-plot')).every(gd => gd._fullData)")
+    figures = {f["id"]: f for f in chromium.evaluate(FIGURES_JS)}
+    assert set(figures) == {"steps-0", "steps-layers-0", "heatmap-0", "worst-0"}
+    assert figures["steps-0"]["lines"] == len(figures["steps-0"]["traces"]) >= 2
+    assert (figures["steps-layers-0"]["traces"][0]["rows"], figures["steps-layers-0"]["traces"][0]["cols"]) == (4, 4)
+    # Hover works: plotly answers a hover on the drifted cell with its figures.
+    chromium.evaluate("(() => { const gd = document.getElementById('heatmap-0'); Plotly.Fx.hover(gd, {xval: 2, yval: gd.data[0].y.indexOf('%s')}); })()" % WO)
+    label = chromium.wait_for("document.querySelector('#heatmap-0 .hoverlayer').textContent", timeout=10)
+    assert label == WO + "layer 2max abs 0.003max rel 2.55headroom 300"
+    assert chromium.errors == []
