@@ -300,7 +300,7 @@ def worst_leaves_figure(figures: dict[str, LeafFigures], title: str) -> Optional
     fig.add_vline(x=1.0, line={"color": "#9b1c1c", "dash": "dash"}, annotation_text="tolerance", annotation_position="top")
     fig.update_layout(
         title={"text": _e(title)}, height=max(260, 90 + 24 * len(drifted)), margin={"l": 10, "r": 10, "t": 50, "b": 40},
-        xaxis={"type": "log", "title": {"text": "headroom: |a-b| / (atol + rtol*|b|), largest element"}}, yaxis={"automargin": True},
+        xaxis={"type": "log", "exponentformat": "power", "title": {"text": "headroom: |a-b| / (atol + rtol*|b|), largest element"}}, yaxis={"automargin": True},
         plot_bgcolor="white",
     )
     return fig
