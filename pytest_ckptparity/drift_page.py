@@ -314,6 +314,7 @@ def steps_figure(section: Section) -> Optional[Any]:
     if len(steps) < 2:
         return None
     per_step = {s: leaf_figures(section.records_at(s)) for s in steps}
+    grids = {s: layer_grid(section.records_at(s)) for s in steps}
     peak: dict[str, float] = {}
     for figs in per_step.values():
         for path, f in figs.items():
@@ -332,7 +333,7 @@ def steps_figure(section: Section) -> Optional[Any]:
             f = per_step[s].get(path)
             h = f.headroom if f else 0.0
             ys.append(None if h <= 0 else (cap if math.isinf(h) else h))
-            grid = layer_grid(section.records_at(s)).get(path, {})
+            grid = grids[s].get(path, {})
             worst = max(grid.items(), key=lambda kv: kv[1][2])[0] if grid and any(v[2] > 0 for v in grid.values()) else None
             custom.append([s, _fmt(h), _fmt(f.max_abs) if f else "-", "-" if worst is None else str(worst)])
         fig.add_trace(go.Scatter(
@@ -427,18 +428,21 @@ def _summary(document: dict[str, Any]) -> str:
 
 
 def _sides(section: Section) -> str:
-    steps = [step_label([r.get("steps", [None, None])[i], None]) for r in section.records[:1] for i in (0, 1)] or [None, None]
+    """Each side's name, layout and location; its step when the section holds one step."""
+    first = section.records[0]
+    several = len(section.steps) > 1
+    locations = section.locations if several else tuple(first.get("locations") or ())
+    steps = list(first.get("steps") or []) + [None, None]
     rows = []
     for i in (0, 1):
         name = section.names[i] if len(section.names) > i else "AB"[i]
-        layout = section.layouts[i] if len(section.layouts) > i else ""
-        locs = section.locations if len(section.steps) > 1 else tuple(section.records[0].get("locations") or ())
-        loc = str(locs[i]) if len(locs) > i else ""
-        what = layout + (f", at {loc}" if loc else "")
-        if len(section.steps) <= 1 and steps[i] is not None:
+        what = section.layouts[i] if len(section.layouts) > i else ""
+        if len(locations) > i and locations[i]:
+            what += f", at {locations[i]}"
+        if not several and steps[i] is not None:
             what += f" (step {steps[i]})"
         rows.append((name, what))
-    if len(section.steps) > 1:
+    if several:
         rows.append(("steps", ", ".join(section.steps)))
     return _kv_table(rows)
 
@@ -473,10 +477,10 @@ def _tolerance(leaf: dict[str, Any]) -> str:
     return "exact" if t.get("exact") else f"atol={_num(t.get('atol')):g}, rtol={_num(t.get('rtol')):g}"
 
 
-def mismatch_table(records: list[dict[str, Any]], names: tuple[str, ...], *, max_rows: int = TABLE_ROWS) -> str:
-    """Every mismatching leaf of the records: where, what kind, how far."""
+def mismatch_table(records: list[dict[str, Any]], names: tuple[str, ...], *, max_rows: int = TABLE_ROWS, tests: bool = True) -> str:
+    """Every mismatching leaf of the records: where, what kind, how far (and which test)."""
     with_steps = len({step_label(r.get("steps")) for r in records}) > 1
-    with_tests = any(r.get("test") for r in records)
+    with_tests = tests and any(r.get("test") for r in records)
     rows = [(r, leaf) for r in records for leaf in r.get("leaves") or [] if not leaf.get("ok")]
     if not rows:
         return '<p class="note">No leaf differs.</p>'
@@ -596,7 +600,7 @@ def item_fragment(records: list[dict[str, Any]]) -> str:
                 out.append(f"<tr><td style=\"padding-right:6px\">{_e(path)}</td>{''.join(cells)}<td style=\"padding-left:6px\">{_e(label)}</td></tr>")
             out.append("</table>")
         if not r.get("passed"):
-            out.append(mismatch_table([r], names, max_rows=50))
+            out.append(mismatch_table([r], names, max_rows=50, tests=False))  # the test is the row it sits in
     out.append("</div>")
     return "\n".join(out)
 

@@ -440,7 +440,12 @@ def _attach_html_extra(item: pytest.Item, rep: pytest.TestReport, stats: RunStat
     from pytest_ckptparity._items import CkptParityItem
 
     generated = isinstance(item, CkptParityItem)
-    records = [r for r in stats.records if r.get("test") == item.nodeid and (generated or not (r.get("passed") or r.get("expected_failure")))]
+    mine: list[dict[str, Any]] = []
+    for r in reversed(stats.records):  # this test's records are the last ones: no scan of the whole run
+        if r.get("test") != item.nodeid:
+            break
+        mine.append(r)
+    records = [r for r in reversed(mine) if generated or not (r.get("passed") or r.get("expected_failure"))]
     if records:
         import pytest_html
 

@@ -202,6 +202,7 @@ def test_several_steps_draw_headroom_per_step_and_name_the_first_step_outside(st
     page = dp.render_page(steps_document)
     own = page_without_plotlyjs(page)
     assert f"<b>First step outside tolerance: step 2</b>: {WO}, worst at layer 2" in own
+    assert "<tr><th>steps</th><td>1, 2, 3, 4</td></tr>" in own and "/a/*/items</td></tr>" in own  # one pair, every step
     lines = {t["name"]: t for t in figure_data(page, "steps-0")}
     assert list(lines["params/decoder/layers/mlp/wo/kernel"]["x"]) == [1, 2, 3, 4]
     wo = lines[WO]["y"]
