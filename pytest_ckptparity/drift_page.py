@@ -275,8 +275,8 @@ def heatmap_figure(grid: dict[str, dict[int, tuple[float, float, float]]], title
     ))
     fig.update_layout(
         title={"text": _e(title)}, plot_bgcolor=IDENTICAL_COLOR, height=max(260, 80 + 22 * len(paths)),
-        margin={"l": 10, "r": 10, "t": 50, "b": 40}, xaxis={"title": {"text": "layer"}, "dtick": 1 if n_layers <= 40 else None, "showgrid": False},
-        yaxis={"automargin": True, "autorange": "reversed", "showgrid": False},
+        margin={"l": 10, "r": 10, "t": 50, "b": 40}, xaxis={"title": {"text": "layer"}, "dtick": 1 if n_layers <= 40 else None, "showgrid": False, "zeroline": False},
+        yaxis={"automargin": True, "autorange": "reversed", "showgrid": False, "zeroline": False},
     )
     return fig
 
@@ -340,11 +340,11 @@ def steps_figure(section: Section) -> Optional[Any]:
             x=x, y=ys, mode="lines+markers", name=_e(path), customdata=custom, connectgaps=False,
             hovertemplate=_e(path) + "<br>step %{customdata[0]}<br>headroom %{customdata[1]}<br>max abs %{customdata[2]}<br>worst layer %{customdata[3]}<extra></extra>",
         ))
-    fig.add_hline(y=1.0, line={"color": "#9b1c1c", "dash": "dash"}, annotation_text="tolerance", annotation_position="right")
+    fig.add_hline(y=1.0, line={"color": "#9b1c1c", "dash": "dash"}, annotation_text="tolerance", annotation_position="top left")
     fig.update_layout(
         title={"text": "headroom per step (the leaves that drifted most)"}, height=420, margin={"l": 10, "r": 10, "t": 50, "b": 40},
-        xaxis={"title": {"text": "step"}, "type": "linear" if numeric else "category"},
-        yaxis={"type": "log", "title": {"text": "headroom"}}, plot_bgcolor="white", legend={"font": {"size": 10}},
+        xaxis={"title": {"text": "step"}, "type": "linear" if numeric else "category", **({"tickvals": x} if numeric and len(x) <= 20 else {})},
+        yaxis={"type": "log", "title": {"text": "headroom"}, "exponentformat": "power"}, plot_bgcolor="white", legend={"font": {"size": 10}},
     )
     return fig
 
@@ -384,7 +384,8 @@ def steps_layer_figure(section: Section) -> Optional[Any]:
     fig.update_layout(
         title={"text": "headroom per step and layer (the worst layered leaf of each layer)"}, plot_bgcolor=IDENTICAL_COLOR,
         height=max(260, 90 + 20 * n_layers), margin={"l": 10, "r": 10, "t": 50, "b": 40},
-        xaxis={"type": "category", "showgrid": False}, yaxis={"title": {"text": "layer"}, "autorange": "reversed", "dtick": 1 if n_layers <= 40 else None, "showgrid": False},
+        xaxis={"type": "category", "showgrid": False, "zeroline": False},
+        yaxis={"title": {"text": "layer"}, "autorange": "reversed", "dtick": 1 if n_layers <= 40 else None, "showgrid": False, "zeroline": False},
     )
     return fig
 
@@ -563,7 +564,11 @@ def render_page(document: dict[str, Any]) -> str:
 def write_page(document: dict[str, Any], path: str) -> Path:
     """Write the page; returns its path."""
     out = Path(path)
-    out.write_text(render_page(document), encoding="utf-8")
+    page = render_page(document)
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise CkptParityUsageError(f"cannot write the HTML report {path!r}: {e.strerror or e}.") from None
     return out
 
 

@@ -164,8 +164,9 @@ class Chromium:
     # -- what tests use ------------------------------------------------------------------
 
     def open(self, path: str | os.PathLike) -> None:
-        """Load a local file and wait for its load event."""
+        """Load a local file and wait for its load event; `errors` then holds this page's."""
         self._events.clear()
+        self.errors.clear()
         self.call("Page.navigate", {"url": Path(path).resolve().as_uri()})
         self.wait_event("Page.loadEventFired")
 

@@ -213,7 +213,7 @@ def test_several_steps_draw_headroom_per_step_and_name_the_first_step_outside(st
     assert len(by_layer["z"]) == 4 and all(len(r) == 4 for r in by_layer["z"])  # layers x steps
     assert by_layer["z"][2][0] is None and by_layer["z"][2][1] > 0 > by_layer["z"][1][0]
     # The per-layer heatmap shows the last step; the table lists the mismatches of every step.
-    assert "headroom by layer at step 4" in json.dumps(figure_data(page, "heatmap-0")) or "headroom by layer at step 4" in page
+    assert '"title":{"text":"headroom by layer at step 4:' in page
     table = own[own.index('<table class="mismatches">'):]
     assert table.count(f"<td>{WO} [layer 2]</td>") == 3 and "<th>step</th>" in table
 
@@ -330,6 +330,7 @@ def test_the_page_renders_in_chromium(chromium, demo_page, steps_document, tmp_p
     assert heat["traces"][0]["type"] == "heatmap" and (heat["traces"][0]["rows"], heat["traces"][0]["cols"]) == (27, 2)
     assert figures["worst-0"]["bars"] == 3
     assert chromium.evaluate("document.querySelectorAll('table.mismatches tr').length") == 3  # header + 2 leaves
+    assert chromium.errors == []
     shot = chromium.screenshot(tmp_path / "page.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     # The page of a run at several steps: the step lines, the step x layer map, the heatmap.
@@ -346,3 +347,12 @@ def test_the_page_renders_in_chromium(chromium, demo_page, steps_document, tmp_p
     label = chromium.wait_for("document.querySelector('#heatmap-0 .hoverlayer').textContent", timeout=10)
     assert label == WO + "layer 2max abs 0.003max rel 2.55headroom 300"
     assert chromium.errors == []
+
+
+def test_the_browser_check_sees_script_errors(chromium, tmp_path):
+    # The "no errors" assertion above can fail: a page that throws is caught.
+    broken = tmp_path / "broken.html"
+    broken.write_text("<html><body><script>console.error('drawn badly'); notAFunction();</script></body></html>")
+    chromium.open(broken)
+    chromium.wait_for("document.readyState === 'complete'")
+    assert any("drawn badly" in e for e in chromium.errors) and any("notAFunction is not defined" in e for e in chromium.errors)
