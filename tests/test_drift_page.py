@@ -356,3 +356,27 @@ def test_the_browser_check_sees_script_errors(chromium, tmp_path):
     chromium.open(broken)
     chromium.wait_for("document.readyState === 'complete'")
     assert any("drawn badly" in e for e in chromium.errors) and any("notAFunction is not defined" in e for e in chromium.errors)
+
+
+def test_a_matrix_of_pairs_draws_one_section_per_pair(demo_ckpts):
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import comparison_record, json_document
+
+    records = [
+        comparison_record(compare_checkpoints(demo_ckpts["linen"], demo_ckpts["nnx"], names=("linen", "nnx")), test="t[linen-vs-nnx]"),
+        comparison_record(compare_checkpoints(demo_ckpts["linen"], demo_ckpts["nnx_drift"], names=("linen", "nnx_drift")), test="t[linen-vs-nnx_drift]"),
+    ]
+    page = dp.render_page(json_document(records, tool="pytest"))
+    own = page_without_plotlyjs(page)
+    assert [s.names for s in dp.sections(json_document(records, tool="pytest"))] == [("linen", "nnx"), ("linen", "nnx_drift")]
+    assert '<h2>linen vs nnx: <span class="verdict-pass">parity</span></h2>' in own
+    assert '<h2>linen vs nnx_drift: <span class="verdict-fail">parity failed</span></h2>' in own
+    # The identical pair: an all-grey heatmap, no bars, no mismatch rows.
+    (same,) = figure_data(page, "heatmap-0")
+    assert len(same["z"]) == 27 and all(v is None for row in same["z"] for v in row)
+    assert '"worst-0"' not in page and "Every compared value is identical: no leaf has drifted." in own
+    section0 = own[own.index('<section id="pair-0">'):own.index('<section id="pair-1">')]
+    assert "No leaf differs." in section0
+    (drifted,) = figure_data(page, "heatmap-1")
+    assert drifted["z"][drifted["y"].index(WI0)][1] == dp.LOG_MAX
+    assert "<td>t[linen-vs-nnx_drift]</td>" in own
