@@ -429,9 +429,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             payload = failure_payload(item, excinfo)
             rep.ckptparity_failure = payload  # plain data: crosses to the xdist controller with the report
             rep.longrepr = failure_repr(payload)
-    if call.when == "call" and stats is not None and item.config.pluginmanager.hasplugin("html"):
+    if call.when == "call" and stats is not None and _writes_pytest_html(item.config):
         _attach_html_extra(item, rep, stats)
     return rep
+
+
+def _writes_pytest_html(config: pytest.Config) -> bool:
+    """pytest-html is installed and this run writes its report (`--html`)."""
+    return config.pluginmanager.hasplugin("html") and bool(getattr(config.option, "htmlpath", None))
 
 
 def _attach_html_extra(item: pytest.Item, rep: pytest.TestReport, stats: RunStats) -> None:
