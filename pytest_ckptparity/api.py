@@ -254,7 +254,15 @@ class Comparison:
         if any(getattr(v.checkpoint, "is_fingerprint", False) for v in self.views):
             from pytest_ckptparity.fingerprint_diff import diff_with_fingerprint  # a side holds statistics, not arrays
 
+            from pytest_ckptparity.fingerprint_diff import NOT_BIT_IDENTICAL
+
             report = diff_with_fingerprint(va, vb, self.options, selection)
+            # A change between tolerance and a leaf's resolution passes on statistics alone:
+            # say so where pytest users look (`-W error::pytest_ckptparity.CkptParityWarning`
+            # makes it fail).
+            for note in report.notes:
+                if NOT_BIT_IDENTICAL in note:
+                    warnings.warn(CkptParityWarning(note), stacklevel=3)
         else:
             report = diff_views(va, vb, self.options, selection)
         report.locations = (va.checkpoint.location, vb.checkpoint.location)
