@@ -560,3 +560,12 @@ def test_warnings_as_errors_make_an_unseen_change_fail_in_pytest(pytester, tmp_p
     strict = pytester.runpytest("-p", "no:cacheprovider", "-W", "error::pytest_ckptparity.CkptParityWarning")
     strict.assert_outcomes(failed=1)
     strict.stdout.fnmatch_lines(["*CkptParityWarning: 1 leaf is not bit-identical*in layer 1*"])
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_a_complex_leaf_is_refused_by_name_never_half_fingerprinted(dtype):
+    """Statistics of a complex leaf's real part would miss any change to its imaginary part."""
+    tree = {"params": {"c": np.array([1 + 2j, 3 - 4j], dtype), "w": np.ones(3, np.float32)}}
+    with pytest.raises(CkptParityUsageError, match=r"leaf 'params/c' is complex.*exclude='params/c'"):
+        take_fingerprint(tree)
+    assert "params/c" not in take_fingerprint(tree, exclude="params/c").leaves
