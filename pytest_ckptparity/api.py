@@ -353,10 +353,11 @@ class TrajectoryComparison:
         self.spec = parse_steps(steps)
         if len(tuple(names)) != 2 or not all(isinstance(n, str) and n for n in names):
             raise CkptParityUsageError(f"names must be two non-empty strings, got {names!r}.")
-        taken = [k for k in ("step", "step_a", "step_b") if comparison_kwargs.get(k) is not None]
+        taken = [f"{k}={comparison_kwargs[k]!r}" for k in ("step", "step_a", "step_b") if comparison_kwargs.get(k) is not None]
         if taken:
             raise CkptParityUsageError(
-                f"steps={describe_spec(self.spec)!r} compares several steps, but {', '.join(taken)} picks one; drop {' and '.join(taken)} or drop steps.")
+                f"steps={describe_spec(self.spec)!r} and {', '.join(taken)} exclude each other (steps compares several steps, "
+                f"step, step_a and step_b pick one); pass only one of them.")
         for k in ("step", "step_a", "step_b"):
             comparison_kwargs.pop(k, None)
         self.names: tuple[str, str] = (names[0], names[1])
@@ -380,10 +381,18 @@ class TrajectoryComparison:
                     listed = ", ".join(str(s) for s in left)
                     self.notes.append(f"{name}: step {listed} {'is' if len(left) == 1 else 'are'} not committed (still being written, or abandoned) and left out")
         self._kwargs = dict(comparison_kwargs, names=self.names, storage_options=storage_options)
+        self._opened: Optional[dict[int, Comparison]] = None
 
     def comparison(self, step: int) -> Comparison:
         """Both roots opened at `step` (metadata only)."""
         return Comparison(self.roots[0], self.roots[1], step_a=step, step_b=step, **self._kwargs)
+
+    def open_all(self) -> dict[int, Comparison]:
+        """Every step's comparison, opened once and kept (metadata only): for pytest items,
+        which each compare one part of one step."""
+        if self._opened is None:
+            self._opened = {step: self.comparison(step) for step in self.steps}
+        return self._opened
 
     def empty_report(self) -> TrajectoryReport:
         return TrajectoryReport(
