@@ -252,11 +252,15 @@ def test_steps_are_opened_one_after_another(runs, monkeypatch):
 
     monkeypatch.setattr(api.Comparison, "__init__", spy)
     seen = []
-    api.add_report_listener(lambda r: seen.append((r.steps, list(opened))))
+
+    def finished(report):
+        seen.append((report.steps, list(opened)))
+
+    api.add_report_listener(finished)
     try:
         trajectory.run()
     finally:
-        api._listeners.clear()
+        api.remove_report_listener(finished)
     assert seen == [((0, 0), [0]), ((1, 1), [0, 1]), ((2, 2), [0, 1, 2]), ((3, 3), [0, 1, 2, 3])]
 
 
