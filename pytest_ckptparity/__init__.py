@@ -17,6 +17,8 @@ _EXPORTS = {
     "assert_ckpt_parity": "api",
     "compare_checkpoints": "api",
     "Comparison": "api",
+    "TrajectoryComparison": "api",
+    "TrajectoryReport": "trajectory",
     "open_checkpoint": "sources",
     "Checkpoint": "sources",
     "CkptParityError": "errors",
@@ -57,7 +59,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pytest_ckptparity._model import LeafResult, ParityReport, Tolerance, ValueStats
-    from pytest_ckptparity.api import Comparison, assert_ckpt_parity, compare_checkpoints
+    from pytest_ckptparity.api import Comparison, TrajectoryComparison, assert_ckpt_parity, compare_checkpoints
+    from pytest_ckptparity.trajectory import TrajectoryReport
     from pytest_ckptparity.diff import DEFAULT_TOLERANCES
     from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
     from pytest_ckptparity.fingerprint import assert_ckpt_fingerprint, read_fingerprint, take_fingerprint, write_fingerprint

@@ -60,6 +60,11 @@ def failure_payload(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseExcepti
         text = f"E   {name}: {excinfo.value}"
         return {"location": location, "plain": text, "rich": text, "crash": [path, lineno, f"{name}: {excinfo.value}"]}
     rows = api.default_max_rows
+    if hasattr(report, "failed_steps"):  # assert_ckpt_parity(..., steps=...): a TrajectoryReport
+        from pytest_ckptparity.trajectory import render_trajectory, summary_line as steps_summary
+
+        return {"location": location, "plain": render_trajectory(report, color=False, max_rows=rows),
+                "rich": render_trajectory(report, color=True, max_rows=rows), "crash": [path, lineno, f"{name}: {steps_summary(report)}"]}
     return {
         "location": location,
         "plain": render_plain(report, rows),

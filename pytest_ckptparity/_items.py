@@ -1,4 +1,5 @@
-"""Generated test items: one per subtree of the `--ckpt-a` / `--ckpt-b` comparison.
+"""Generated test items: one per subtree of the `--ckpt-a` / `--ckpt-b` comparison (per step
+and subtree with `--ckpt-steps`).
 
 Items come from metadata only and are sorted, so every xdist worker collects the same list;
 each item reads only the arrays of its own subtree when it runs.
@@ -65,11 +66,63 @@ class CkptParityItem(pytest.Item):
         return self.config.rootpath / SUITE_NAME, None, f"{SUITE_NAME}::{self.name}"
 
 
+class MissingStepItem(pytest.Item):
+    """A step committed by one run only (`--ckpt-steps all`): it fails, naming the step."""
+
+    def __init__(self, *, step: int, trajectory: Any, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.step = step
+        self.trajectory = trajectory
+
+    def runtest(self) -> None:
+        from pytest_ckptparity._session import stats_key
+        from pytest_ckptparity.trajectory import missing_step_record
+
+        t, step = self.trajectory, self.step
+        sentence = t.missing[step]
+        stats = self.config.stash.get(stats_key, None)
+        if stats is not None:  # a failed comparison of this step in the summary and the JSON report
+            stats.records.append(missing_step_record(step, t.missing_holder[step], t.names, t.roots, sentence, test=self.nodeid))
+        raise CkptParityError(sentence, None)  # type: ignore[arg-type]
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
+        if isinstance(excinfo.value, CkptParityError):
+            return f"checkpoint parity failed: {excinfo.value}"
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self) -> tuple[Any, Optional[int], str]:
+        return self.config.rootpath / SUITE_NAME, None, f"{SUITE_NAME}::{self.name}"
+
+
+def _parts(comparison: Any, split: str) -> list[tuple[str, Any, Any, Optional[int]]]:
+    """(item name, comparison, selection, None), or (name, trajectory, None, step) for a step
+    one run lacks.
+
+    Over steps (`--ckpt-steps`) every step's parts come in step order, named
+    `step_<N>/<part>`, so the ids stay sorted and equal on every xdist worker."""
+    opened = getattr(comparison, "open_all", None)
+    if opened is None:
+        return [(name, comparison, selection, None) for name, selection in comparison.split(split)]
+    from pytest_ckptparity.trajectory import STEP_ITEM_PREFIX
+
+    per_step = opened()
+    out: list[tuple[str, Any, Any, Optional[int]]] = []
+    for step in sorted(set(per_step) | set(comparison.missing)):
+        if step in comparison.missing:
+            out.append((f"{STEP_ITEM_PREFIX}{step}", comparison, None, step))
+            continue
+        out.extend((f"{STEP_ITEM_PREFIX}{step}/{name}", per_step[step], sel, None) for name, sel in per_step[step].split(split))
+    return out
+
+
 def make_items(session: pytest.Session, comparison: Any, split: str) -> list[pytest.Item]:
     suite = CkptParitySuite.from_parent(session, name=SUITE_NAME, nodeid=SUITE_NAME)
     items: list[pytest.Item] = []
-    for name, selection in comparison.split(split):
-        item = CkptParityItem.from_parent(suite, name=name, comparison=comparison, selection=selection)
+    for name, owner, selection, missing_step in _parts(comparison, split):
+        if missing_step is not None:
+            item: pytest.Item = MissingStepItem.from_parent(suite, name=name, step=missing_step, trajectory=owner)
+        else:
+            item = CkptParityItem.from_parent(suite, name=name, comparison=owner, selection=selection)
         items.append(item)
         session.ihook.pytest_itemcollected(item=item)
     # The terminal reporter counts collected items from collect reports ("collected N items").

@@ -29,6 +29,7 @@ class Settings:
     format_a: Optional[str] = None
     format_b: Optional[str] = None
     ignore_rngs: bool = True
+    steps: Any = None  # --ckpt-steps: "all", "common" or a tuple of steps (generated items per step)
     helper_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to assert_ckpt_parity
 
 
@@ -67,6 +68,29 @@ class RunStats:
             bytes_read = sum(int(l.get("bytes_read") or 0) for r in records for l in r.get("leaves", []))
             self.workers[worker] = {"host": other.get("host", ""), "comparisons": len(records), "bytes_read": bytes_read}
         self.records.extend(records)
+
+    def step_records(self) -> list[dict[str, Any]]:
+        """The records of the generated per-step items (`ckpt-parity::step_N/...`)."""
+        from pytest_ckptparity._items import SUITE_NAME
+        from pytest_ckptparity.trajectory import STEP_ITEM_PREFIX
+
+        prefix = f"{SUITE_NAME}::{STEP_ITEM_PREFIX}"
+        return [r for r in self.records if str(r.get("test") or "").startswith(prefix)]
+
+    def step_summary_lines(self) -> list[tuple[str, bool]]:
+        """Terminal lines of a run over steps: each step's outcome and the first step at which
+        a leaf leaves tolerance (with its layers); none when no per-step item ran."""
+        from pytest_ckptparity.trajectory import summary_lines
+
+        records = self.step_records()
+        return summary_lines(records) if records else []
+
+    def step_document(self) -> dict[str, Any]:
+        """The JSON report's `trajectory` object for a run over steps (empty otherwise)."""
+        from pytest_ckptparity.trajectory import trajectory_fields
+
+        records = self.step_records()
+        return {"trajectory": trajectory_fields(records)} if records else {}
 
     def totals(self) -> dict[str, Any]:
         from pytest_ckptparity.report import run_totals
@@ -148,6 +172,7 @@ def build_settings(config: pytest.Config) -> Settings:
     s.step_a = opt.ckpt_step_a if opt.ckpt_step_a is not None else opt.ckpt_step
     s.step_b = opt.ckpt_step_b if opt.ckpt_step_b is not None else opt.ckpt_step
     s.storage_options = parse_storage_options(opt.ckpt_storage_options or [])
+    s.steps = _steps_option(config, s)
     generate = opt.ckpt_generate or (config.getini("ckpt_generate") or "auto").strip()
     if generate not in ("auto", "yes", "no"):
         raise pytest.UsageError(f"ckpt_generate must be auto, yes or no, got {generate!r}.")
@@ -180,6 +205,41 @@ def build_settings(config: pytest.Config) -> Settings:
         kwargs["read_budget"] = mib_to_bytes(source, str(budget))
     s.helper_kwargs = kwargs
     return s
+
+
+def _steps_option(config: pytest.Config, s: Settings) -> Any:
+    """--ckpt-steps: checked here, before anything is opened; steps are then listed from the roots."""
+    opt = config.option
+    text = getattr(opt, "ckpt_steps", None)
+    if text is None:
+        return None
+    from pytest_ckptparity.errors import CkptParityUsageError
+    from pytest_ckptparity.trajectory import parse_steps
+
+    try:
+        spec = parse_steps(text, "--ckpt-steps")
+    except CkptParityUsageError as e:
+        raise pytest.UsageError(str(e)) from None
+    if not (s.ckpt_a and s.ckpt_b):
+        raise pytest.UsageError("--ckpt-steps compares the --ckpt-a and --ckpt-b manager roots step by step; pass both.")
+    single = [f for f, v in (("--ckpt-step", opt.ckpt_step), ("--ckpt-step-a", opt.ckpt_step_a), ("--ckpt-step-b", opt.ckpt_step_b)) if v is not None]
+    if single:
+        raise pytest.UsageError(f"--ckpt-steps and {', '.join(single)} exclude each other (--ckpt-steps compares several steps, --ckpt-step one); pass only one of them.")
+    return spec
+
+
+def open_trajectory(settings: Settings) -> Any:
+    """The --ckpt-a/--ckpt-b roots over --ckpt-steps, every step opened (metadata only)."""
+    from pytest_ckptparity.api import OPTION_NAMES, TrajectoryComparison, make_options
+
+    kw = dict(settings.helper_kwargs)
+    options = make_options(**{k: kw.pop(k) for k in OPTION_NAMES if k in kw})
+    trajectory = TrajectoryComparison(
+        settings.ckpt_a, settings.ckpt_b, steps=settings.steps, options=options, storage_options=settings.storage_options or None,
+        **{k: kw[k] for k in ("format_a", "format_b", "ignore_rngs", "scan_axis")},
+    )
+    trajectory.open_all()
+    return trajectory
 
 
 def _scan_axis_option(text: Optional[str]) -> Any:

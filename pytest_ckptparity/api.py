@@ -21,7 +21,8 @@ from pytest_ckptparity.diff import (
 from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
 from pytest_ckptparity.normalize import Layout, NormalizedView, normalize
 from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
-from pytest_ckptparity.sources import Checkpoint, open_checkpoint
+from pytest_ckptparity.sources import Checkpoint, manager_steps, open_checkpoint
+from pytest_ckptparity.trajectory import ALL, COMMON, TrajectoryReport, describe_spec, missing_sentence, parse_steps, plan_steps, render_trajectory
 
 SPLITS = ("group", "layer", "leaf")
 
@@ -254,7 +255,15 @@ class Comparison:
         if any(getattr(v.checkpoint, "is_fingerprint", False) for v in self.views):
             from pytest_ckptparity.fingerprint_diff import diff_with_fingerprint  # a side holds statistics, not arrays
 
+            from pytest_ckptparity.fingerprint_diff import NOT_BIT_IDENTICAL
+
             report = diff_with_fingerprint(va, vb, self.options, selection)
+            # A change between tolerance and a leaf's resolution passes on statistics alone:
+            # say so where pytest users look (`-W error::pytest_ckptparity.CkptParityWarning`
+            # makes it fail).
+            for note in report.notes:
+                if NOT_BIT_IDENTICAL in note:
+                    warnings.warn(CkptParityWarning(note), stacklevel=3)
         else:
             report = diff_views(va, vb, self.options, selection)
         report.locations = (va.checkpoint.location, vb.checkpoint.location)
@@ -334,6 +343,78 @@ class Comparison:
         return [(name, [Selection(tuple(ps), layers)]) for _, (name, ps, layers) in sorted(parts.items())]
 
 
+class TrajectoryComparison:
+    """Two CheckpointManager roots (two training runs) compared at several steps.
+
+    `steps` is `"all"` (every step either run committed; a step committed by one run only
+    fails that step), `"common"` (the steps both committed; none in common is a usage error)
+    or step numbers (`"0,2,4"`, `[0, 2, 4]`; one a run has not committed is a usage error).
+    Steps are listed from the roots' folders (one listing each); a step is opened only when
+    its turn comes, so `run` reads one step's comparison at a time. Keyword arguments are
+    those of `Comparison` (except the single-step `step`, `step_a`, `step_b`).
+    """
+
+    def __init__(
+        self, a: Union[str, os.PathLike], b: Union[str, os.PathLike], *, steps: Any, names: Sequence[str] = ("A", "B"),
+        storage_options: Optional[Mapping[str, str]] = None, **comparison_kwargs: Any,
+    ) -> None:
+        self.spec = parse_steps(steps)
+        if len(tuple(names)) != 2 or not all(isinstance(n, str) and n for n in names):
+            raise CkptParityUsageError(f"names must be two non-empty strings, got {names!r}.")
+        taken = [f"{k}={comparison_kwargs[k]!r}" for k in ("step", "step_a", "step_b") if comparison_kwargs.get(k) is not None]
+        if taken:
+            raise CkptParityUsageError(
+                f"steps={describe_spec(self.spec)!r} and {', '.join(taken)} exclude each other (steps compares several steps, "
+                f"step, step_a and step_b pick one); pass only one of them.")
+        for k in ("step", "step_a", "step_b"):
+            comparison_kwargs.pop(k, None)
+        self.names: tuple[str, str] = (names[0], names[1])
+        for side, x in zip(self.names, (a, b)):
+            if not isinstance(x, (str, os.PathLike)) or isinstance(x, bytes):
+                raise CkptParityUsageError(
+                    f"{side}: steps= compares CheckpointManager roots given as paths or URLs, not a {type(x).__name__}; pass the folder that holds the step folders.")
+        so_a, so_b = _storage_options(storage_options, a, b)
+        self.roots: tuple[str, str] = (os.fspath(a) if not _is_url(a) else a, os.fspath(b) if not _is_url(b) else b)
+        (ca, pa), (cb, pb) = (manager_steps(x, side=n, storage_options=so) for x, n, so in zip(self.roots, self.names, (so_a, so_b)))
+        self.committed = (ca, cb)
+        self.steps, holders = plan_steps(self.spec, (ca, cb), self.names, self.roots, (pa, pb))
+        self.missing: dict[int, str] = {
+            s: missing_sentence(s, h, self.names, (cb, ca)[h], (pb, pa)[h]) for s, h in holders.items()}
+        self.missing_holder = holders
+        self.notes: list[str] = []
+        if self.spec in (ALL, COMMON):
+            for name, pending in zip(self.names, (pa, pb)):
+                left = [s for s in pending if s not in holders]
+                if left:
+                    listed = ", ".join(str(s) for s in left)
+                    self.notes.append(f"{name}: step {listed} {'is' if len(left) == 1 else 'are'} not committed (still being written, or abandoned) and left out")
+        self._kwargs = dict(comparison_kwargs, names=self.names, storage_options=storage_options)
+        self._opened: Optional[dict[int, Comparison]] = None
+
+    def comparison(self, step: int) -> Comparison:
+        """Both roots opened at `step` (metadata only)."""
+        return Comparison(self.roots[0], self.roots[1], step_a=step, step_b=step, **self._kwargs)
+
+    def open_all(self) -> dict[int, Comparison]:
+        """Every step's comparison, opened once and kept (metadata only): for pytest items,
+        which each compare one part of one step."""
+        if self._opened is None:
+            self._opened = {step: self.comparison(step) for step in self.steps}
+        return self._opened
+
+    def empty_report(self) -> TrajectoryReport:
+        return TrajectoryReport(
+            names=self.names, roots=self.roots, spec=describe_spec(self.spec), missing=dict(self.missing),
+            missing_holder=dict(self.missing_holder), notes=list(self.notes))
+
+    def run(self, *, notify: bool = True) -> TrajectoryReport:
+        """Compare step after step; each step's arrays are released before the next opens."""
+        report = self.empty_report()
+        for step in self.steps:
+            report.reports[step] = self.comparison(step).run(notify=notify)
+        return report
+
+
 def _itemsize(dtype: str) -> int:
     if dtype == "str":
         return 1
@@ -375,16 +456,25 @@ def compare_checkpoints(
     format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
     rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
     scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, read_budget: int = DEFAULT_READ_BUDGET,
-) -> ParityReport:
+    steps: Union[str, Sequence[int], None] = None,
+) -> Union[ParityReport, TrajectoryReport]:
     """Compare and return the report, parity or not (raises only on usage errors).
 
     `step` picks the step of manager roots on both sides; `step_a` / `step_b` per side.
-    `storage_options` go to the sides that are object-store URLs (gs://, s3://).
+    `steps` (`"all"`, `"common"`, `"0,2,4"` or a list) compares two manager roots at
+    several steps, one after another, and returns a `TrajectoryReport` (see
+    `TrajectoryComparison`). `storage_options` go to the sides that are object-store URLs.
     """
     options = make_options(
         atol=atol, rtol=rtol, tolerances=tolerances, include=include, exclude=exclude,
         compare_values=compare_values, equal_nan=equal_nan, dtype_policy=dtype_policy, read_budget=read_budget,
     )
+    if steps is not None:
+        return TrajectoryComparison(
+            a, b, steps=steps, names=names, step=step, step_a=step_a, step_b=step_b, storage_options=storage_options,
+            format_a=format_a, format_b=format_b, rename=rename, ignore=ignore, ignore_rngs=ignore_rngs,
+            scan_axis=scan_axis, options=options,
+        ).run()
     comparison = Comparison(
         a, b, names=names, step=step, step_a=step_a, step_b=step_b, storage_options=storage_options, format_a=format_a, format_b=format_b, rename=rename,
         ignore=ignore, ignore_rngs=ignore_rngs, scan_axis=scan_axis, options=options,
@@ -408,13 +498,18 @@ def assert_ckpt_parity(
     format_a: Union[str, Layout, None] = None, format_b: Union[str, Layout, None] = None,
     rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
     scan_axis: Union[int, tuple[Optional[int], Optional[int]], None] = None, read_budget: int = DEFAULT_READ_BUDGET,
-) -> ParityReport:
+    steps: Union[str, Sequence[int], None] = None,
+) -> Union[ParityReport, TrajectoryReport]:
     """Assert that checkpoints `a` and `b` hold the same model.
 
     `a` and `b` may be paths (orbax manager root, step, item or bare folder), in-memory trees
     or opened checkpoints (the `ckpt_a` fixture), in any mix. B is the reference:
     `|a - b| <= atol + rtol * |b|`. Returns the report on parity; raises `CkptParityError`
     naming every mismatch otherwise, and `CkptParityUsageError` when no verdict is possible.
+
+    With `steps` (two manager roots, e.g. `steps="all"`) every step is compared and a
+    `TrajectoryReport` returned; the error then names the first step at which a leaf leaves
+    tolerance, the leaf and its layers, then every mismatch step by step.
 
     >>> assert_ckpt_parity("runs/linen/checkpoints", "runs/nnx/checkpoints", exclude="opt_state")
     """
@@ -424,8 +519,10 @@ def assert_ckpt_parity(
         compare_values=compare_values, equal_nan=equal_nan, dtype_policy=dtype_policy, names=names,
         step=step, step_a=step_a, step_b=step_b, storage_options=storage_options,
         format_a=format_a, format_b=format_b, rename=rename, ignore=ignore,
-        ignore_rngs=ignore_rngs, scan_axis=scan_axis, read_budget=read_budget,
+        ignore_rngs=ignore_rngs, scan_axis=scan_axis, read_budget=read_budget, steps=steps,
     )
     if not report.passed:
+        if isinstance(report, TrajectoryReport):
+            raise CkptParityError(render_trajectory(report, color=False, max_rows=default_max_rows), report)  # type: ignore[arg-type]
         raise CkptParityError(render(report, color=False, max_rows=default_max_rows), report)
     return report

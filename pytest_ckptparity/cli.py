@@ -41,6 +41,7 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="step to open in manager roots (default: latest committed)")
     p.add_argument("--step-a", type=int, metavar="N", help="step of A's manager root (default: --step, else latest committed)")
     p.add_argument("--step-b", type=int, metavar="N", help="step of B's manager root (default: --step, else latest committed)")
+    p.add_argument("--steps", metavar="all|common|N,M,...", help="compare two manager roots (training runs) step by step: every committed step (all), the steps both committed (common) or these steps")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="a setting for gs:// or s3:// checkpoints, e.g. endpoint=http://127.0.0.1:9000 (repeatable)")
     p.add_argument("--structure-only", action="store_true", help="compare paths, shapes and dtypes; read no array data")
     p.add_argument("--dtype-policy", choices=("strict", "cast"), default="strict")
@@ -182,6 +183,8 @@ def run_compare(argv: Sequence[str]) -> int:
         equal_nan=not args.no_equal_nan, dtype_policy=args.dtype_policy,
         **({} if args.read_budget is None else {"read_budget": _budget_bytes(args.read_budget)}),
     )
+    if args.steps is not None:
+        return run_steps(args, options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         comparison = Comparison(
@@ -201,6 +204,29 @@ def run_compare(argv: Sequence[str]) -> int:
         document = json_document([comparison_record(report)], tool="ckptparity")
         Path(args.report).write_text(json.dumps(document, indent=1, sort_keys=True))
     _write_html(args.html, [comparison_record(report)])
+    return EXIT_PARITY if report.passed else EXIT_MISMATCH
+
+
+def run_steps(args: argparse.Namespace, options: Any) -> int:
+    """`--steps`: one comparison per step, one step at a time; the verdict over all steps at
+    the bottom, naming the first step at which a leaf leaves tolerance (and its layers)."""
+    from pytest_ckptparity.api import TrajectoryComparison, parse_key_values, parse_scan_axis
+    from pytest_ckptparity.report import json_document
+    from pytest_ckptparity.trajectory import parse_steps, render_trajectory, trajectory_fields
+
+    trajectory = TrajectoryComparison(
+        args.a, args.b, steps=parse_steps(args.steps, "--steps"), step=args.step, step_a=args.step_a, step_b=args.step_b,
+        storage_options=parse_key_values("--storage-option", args.storage_option) or None,
+        format_a=args.format_a, format_b=args.format_b, ignore_rngs=not args.compare_rngs, options=options,
+        scan_axis=None if args.scan_axis is None else parse_scan_axis("--scan-axis", args.scan_axis),
+    )
+    report = trajectory.run()
+    _out(render_trajectory(report, color=_color(args.color), max_rows=_max_rows(args), more_hint=MORE_HINT, summary_last=True))
+    if args.report:
+        records = report.records()
+        document = {**json_document(records, tool="ckptparity"), "trajectory": trajectory_fields(records)}
+        Path(args.report).write_text(json.dumps(document, indent=1, sort_keys=True))
+    _write_html(args.html, report.records())
     return EXIT_PARITY if report.passed else EXIT_MISMATCH
 
 

@@ -253,3 +253,37 @@ def write_examples(root: str | os.PathLike, seed: int = 0) -> dict[str, str]:
         "nnx": save(os.path.join(root, "nnx", "checkpoints"), nnx_same, step=7),
         "nnx_drift": save(os.path.join(root, "nnx_drift", "checkpoints"), nnx_drift, step=7),
     }
+
+
+DRIFTING_LEAF = "decoder/layers/mlp/wi_0/kernel"  # under `params/` in canonical paths
+
+
+def write_drifting_runs(
+    root: str | os.PathLike, *, steps: int = 4, drift_from: int = 2, layer: int = 1, seed: int = 0,
+) -> dict[str, str]:
+    """Three training runs of one model, each a CheckpointManager root with steps 0..steps-1:
+
+    - `linen`: a Linen TrainState, layers scanned on axis 1;
+    - `nnx`: the same weights at every step as an NNX state (pure dict, layers as integer keys);
+    - `nnx_drift`: `nnx`, except that from step `drift_from` on, layer `layer` of
+      `decoder/layers/mlp/wi_0/kernel` drifts, a little more at every step (+0.01 per step on
+      its first 4 columns). Nothing else differs, the optimizer state included.
+
+    Every weight moves from step to step (as training does), so a step compared against the
+    wrong step of the other run fails.
+    """
+    root = os.fspath(root)
+    base = tiny_params(seed)
+    paths = {name: os.path.join(root, name, "checkpoints") for name in ("linen", "nnx", "nnx_drift")}
+    for step in range(steps):
+        params = _map(base, lambda x, s=step: (x * np.float32(1 + 0.01 * s)).astype(np.float32))
+        save(paths["linen"], linen_train_state(params, step=step, seed=seed), step=step)
+        tree = nnx_state(unstack(params, "int_keys"), step=step, seed=seed, wrapped=False)
+        save(paths["nnx"], tree, step=step)
+        if step >= drift_from:
+            mlp = tree["model"]["decoder"]["layers"][layer]["mlp"]
+            kernel = np.array(mlp["wi_0"]["kernel"])
+            kernel[:, :4] += np.float32(0.01 * (step - drift_from + 1))
+            mlp["wi_0"] = {"kernel": kernel}
+        save(paths["nnx_drift"], tree, step=step)
+    return paths

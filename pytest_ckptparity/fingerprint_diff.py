@@ -43,6 +43,8 @@ SLACK = 1e-10  # float64 rounding of sums taken in different orders, relative to
 TOL_SLACK = 1e-6  # the element rule is evaluated in float32 for float32 data: its own rounding
 SHOWN_UNITS = 4  # layers described in a failure note
 SHOWN_STATS = 4
+SHOWN_LOOSE = 5  # leaves named in the "not bit-identical" header note
+NOT_BIT_IDENTICAL = "not bit-identical to the fingerprint"  # the header note a caller may turn into a warning
 
 
 def allowances(b: Stats, tol: Tolerance) -> dict[str, float]:
@@ -111,8 +113,13 @@ def _describe(unit: str, moves: list[tuple[str, Any, Any, float, float]]) -> str
 
 
 def _compare_leaf(path: str, pa: LeafPrint, pb: LeafPrint, tol: Tolerance, digest_comparable: bool,
-                  layer_range: Optional[tuple[int, int]]) -> tuple[bool, list[str], tuple[int, ...], float, bool, float]:
-    """(ok, notes, failing layers, largest move, bit-identical, resolution) for one leaf."""
+                  layer_range: Optional[tuple[int, int]], equal_nan: bool = True,
+                  ) -> tuple[bool, list[str], tuple[int, ...], float, tuple[Optional[int], ...], float]:
+    """(ok, notes, failing layers, largest move, units not bit-identical, resolution) for one
+    leaf. A unit is a layer (its index) or the whole leaf (None).
+
+    With `equal_nan=False` a NaN is never equal to anything, itself included, as in a
+    comparison: a unit holding a NaN on either side fails even when its digest is unchanged."""
     exact = tol.exact or (tol.atol == 0 and tol.rtol == 0)
     units: list[tuple[Optional[int], int, int, Stats, Stats]] = []
     if pa.layers is not None and pb.layers is not None and pa.layers == pb.layers:
@@ -124,12 +131,18 @@ def _compare_leaf(path: str, pa: LeafPrint, pb: LeafPrint, tol: Tolerance, diges
     notes: list[str] = []
     bad_layers: list[int] = []
     worst = 0.0
-    identical = True
+    loose: list[Optional[int]] = []
     res = 0.0
     for layer, da, db, sa, sb in units:
+        if not equal_nan and (sa.nan or sb.nan):
+            where = f"layer {layer}" if layer is not None else "leaf"
+            notes.append(f"{where}: NaN {sb.nan} -> {sa.nan}; with equal_nan=False a NaN never matches, not even a NaN")
+            if layer is not None:
+                bad_layers.append(layer)
+            worst = math.inf
+            continue
         if digest_comparable and da == db:
             continue
-        identical = False
         moves = moved(sa, sb, None if exact else tol)
         if exact and not moves:
             moves_text = "values differ (digest differs; every statistic is unchanged)"
@@ -142,10 +155,20 @@ def _compare_leaf(path: str, pa: LeafPrint, pb: LeafPrint, tol: Tolerance, diges
                 bad_layers.append(layer)
             worst = max([worst] + [abs(m[3]) for m in moves if math.isfinite(m[3])])
         elif not exact:
+            loose.append(layer)
             res = max(res, resolution(sb, tol))
     if len(notes) > SHOWN_UNITS:
         notes = notes[:SHOWN_UNITS] + [f"... and {len(notes) - SHOWN_UNITS} more layers"]
-    return not notes, notes, tuple(bad_layers), worst, identical, res
+    return not notes, notes, tuple(bad_layers), worst, tuple(loose), res
+
+
+def _units_text(units: tuple[Optional[int], ...]) -> str:
+    """`layers 2, 5` / `layer 3` / `` (a whole leaf)."""
+    layers = [u for u in units if u is not None]
+    if not layers:
+        return ""
+    shown = ", ".join(str(u) for u in layers[:8]) + (f", ... ({len(layers)} layers)" if len(layers) > 8 else "")
+    return f" in layer{'s' if len(layers) > 1 else ''} {shown}"
 
 
 def _prints(view: NormalizedView, wanted: list[tuple[str, Optional[tuple[int, int]]]], opts: CompareOptions) -> tuple[dict[tuple[str, Optional[tuple[int, int]]], LeafPrint], dict[str, int]]:
@@ -208,11 +231,11 @@ def diff_with_fingerprint(
         tol = resolve_tolerance(path, cast_to or la.dtype, opts)
         # A cast between float dtypes changes every bit pattern: only the statistics can agree.
         comparable = cast_to is None or _kind(cast_to) != "float"
-        ok, why, layers, worst, identical, res = _compare_leaf(path, pa, pb, tol, comparable, layer_range)
+        ok, why, layers, worst, changed, res = _compare_leaf(path, pa, pb, tol, comparable, layer_range, opts.equal_nan)
         count = pa.stats.count if layer_range is None else sum(pa.layer_stats[i].count for i in range(*layer_range))
-        if ok and not identical:
-            notes = notes + (f"not bit-identical; statistics within tolerance (single-element resolution {res:.3g})",)
-            loose.append((path, res))
+        if ok and changed:
+            notes = notes + (f"not bit-identical{_units_text(changed)}; statistics within tolerance (single-element resolution {res:.3g})",)
+            loose.append((path + _units_text(changed), res))
         results[slot] = LeafResult(
             path, None if ok else FINGERPRINT, shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype,
             layers=la.layers if la.layers == lb.layers else None, layer_range=layer_range,
@@ -226,9 +249,12 @@ def diff_with_fingerprint(
     report.notes.extend(scope_notes)
     if loose:
         worst_res = max(r for _, r in loose)
+        named = "; ".join(p for p, _ in loose[:SHOWN_LOOSE]) + (f"; and {len(loose) - SHOWN_LOOSE} more" if len(loose) > SHOWN_LOOSE else "")
         report.notes.append(
-            f"{len(loose)} leaves are not bit-identical to the fingerprint but their statistics are within tolerance "
-            f"(a fingerprint is certain to catch a single changed element only beyond each leaf's resolution, here up to {worst_res:.3g})"
+            f"{len(loose)} {'leaf is' if len(loose) == 1 else 'leaves are'} {NOT_BIT_IDENTICAL} but "
+            f"{'its' if len(loose) == 1 else 'their'} statistics are within tolerance: {named} "
+            f"(a fingerprint is certain to fail a single changed element only beyond each leaf's resolution, here up to {worst_res:.3g}; "
+            f"atol=0, rtol=0 fails on any change)"
         )
     report.wall_time = time.perf_counter() - t0
     return report

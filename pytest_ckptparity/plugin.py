@@ -38,6 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--ckpt-step", dest="ckpt_step", type=int, metavar="N", help="step to open in manager roots (default: latest committed).")
     g.addoption("--ckpt-step-a", dest="ckpt_step_a", type=int, metavar="N", help="step of --ckpt-a's manager root (default: --ckpt-step, else latest committed).")
     g.addoption("--ckpt-step-b", dest="ckpt_step_b", type=int, metavar="N", help="step of --ckpt-b's manager root (default: --ckpt-step, else latest committed).")
+    g.addoption("--ckpt-steps", dest="ckpt_steps", metavar="all|common|N,M,...", help="generated items per step and subtree of the --ckpt-a/--ckpt-b manager roots: every committed step (all), the steps both committed (common) or these steps.")
     g.addoption("--ckpt-storage-option", dest="ckpt_storage_options", action="append", metavar="KEY=VALUE", help="a setting for gs:// or s3:// checkpoints, e.g. endpoint=http://127.0.0.1:9000 (repeatable).")
     g.addoption("--ckpt-generate", dest="ckpt_generate", choices=GENERATE_CHOICES, default=None, help="generated items for --ckpt-a/--ckpt-b: auto (default) adds them only when no test paths or node ids are given; yes: always; no: never.")
     g.addoption("--ckpt-structure-only", dest="ckpt_structure_only", action="store_true", help="compare paths, shapes and dtypes only; read no array data.")
@@ -218,6 +219,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _comparison(config: pytest.Config, settings: Settings) -> Any:
+    if comparison_key not in config.stash and settings.steps is not None:  # --ckpt-steps: one comparison per step
+        from pytest_ckptparity._session import open_trajectory
+
+        config.stash[comparison_key] = open_trajectory(settings)
     if comparison_key not in config.stash:
         from pytest_ckptparity.api import OPTION_NAMES, Comparison, make_options
 
@@ -485,7 +490,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if path:
         from pytest_ckptparity.report import json_document
 
-        Path(path).write_text(json.dumps(json_document(stats.records, tool="pytest", totals=stats.totals()), indent=1, sort_keys=True))
+        document = {**json_document(stats.records, tool="pytest", totals=stats.totals()), **stats.step_document()}
+        Path(path).write_text(json.dumps(document, indent=1, sort_keys=True))
     _write_html_report(config, stats)
 
 
@@ -508,6 +514,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr = terminalreporter
     tr.write_sep("=", GROUP)
     for line, failing in summary_lines(stats.totals()):
+        tr.write_line(line, red=failing)
+    for line, failing in stats.step_summary_lines():  # --ckpt-steps: the first step a leaf leaves tolerance
         tr.write_line(line, red=failing)
     report_path = config.stash[settings_key].report_path
     if report_path:

@@ -213,6 +213,40 @@ def _locate(p: Storage, step: Optional[int], side: str) -> tuple[Storage, Option
     raise _usage(side, p, f"'{p}' is not an orbax checkpoint (no _METADATA, step folders or items found); pass {_EXPECTED}.")
 
 
+def manager_steps(
+    path: os.PathLike | str | Storage, *, side: str = "A", storage_options: Optional[Mapping[str, Any]] = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(committed, uncommitted) step numbers of a CheckpointManager root, each sorted.
+
+    Only a committed step (`commit_success.txt`, not a temporary folder) is ever compared;
+    the uncommitted ones are returned so callers can say why a step is left out. Anything
+    but a manager root (a step folder, a single checkpoint, a file, a missing path) is refused
+    in one sentence. Local folders, `gs://` and `s3://` take the same way (one listing).
+    """
+    try:
+        root = path if isinstance(path, Storage) else open_storage(path, storage_options)
+        kind = root.kind()
+        if kind != "folder" or _TMP_MARK in root.name:
+            _locate(root, None, side)  # raises the sentence for a missing path, a file or a temp folder
+        if root.exists("_METADATA") or root.exists("_CHECKPOINT_METADATA"):
+            what = "a single checkpoint" if root.exists("_METADATA") else "a step folder"
+            raise _usage(side, root, f"'{root}' is {what}, not a CheckpointManager root; comparing over steps needs the folder that holds the step folders (e.g. '{root.parent}').")
+        committed, unfinished = _steps(side, root)
+        if not committed:
+            _locate(root, None, side)  # no committed step: the sentence says what the folder holds
+        pending = set()
+        for u in unfinished:
+            m = _STEP_NAME.match(u.name.split(_TMP_MARK)[0].rstrip("."))
+            if m and int(m.group(1)) not in committed:
+                pending.add(int(m.group(1)))
+        return tuple(sorted(committed)), tuple(sorted(pending))
+    except StorageError as e:
+        raise _usage(side, path, str(e)) from None
+    except PermissionError as e:
+        where = e.filename or path
+        raise _usage(side, path, f"permission denied reading '{where}'; make the checkpoint and its parent folders readable for this user.") from None
+
+
 def _step_number(step_dir: Optional[Storage]) -> Optional[int]:
     m = _STEP_NAME.match(step_dir.name) if step_dir is not None else None
     return int(m.group(1)) if m else None
@@ -620,4 +654,4 @@ def open_checkpoint(
     return InMemoryCheckpoint(obj, name=name)
 
 
-__all__: Sequence[str] = ("Checkpoint", "ChunkLayout", "OrbaxCheckpoint", "InMemoryCheckpoint", "Pending", "open_checkpoint", "locate_item_folder")
+__all__: Sequence[str] = ("Checkpoint", "ChunkLayout", "OrbaxCheckpoint", "InMemoryCheckpoint", "Pending", "open_checkpoint", "locate_item_folder", "manager_steps")

@@ -181,3 +181,15 @@ def test_concurrent_workers_give_the_same_verdict(pytester, demo_ckpts):
     for _ in range(2):
         parallel = pytester.runpytest_subprocess(*args, "-n", "4")
         assert parallel.ret == serial.ret == 1 and parallel.parseoutcomes() == outcomes
+
+
+@pytest.mark.parametrize("how,fragment", CASES, ids=[c[0] for c in CASES])
+def test_damaged_checkpoints_as_side_b_name_side_b_and_the_path(copy_ckpt, samples, how, fragment):
+    """The side prefix and the path come from the side that is damaged, whichever it is."""
+    path = damaged(copy_ckpt, samples, how)
+    with pytest.raises(CkptParityUsageError) as info:
+        assert_ckpt_parity(samples["maxtext_decode_scan"], path, names=("linen", "nnx"))
+    message = str(info.value)
+    assert message.startswith("nnx: ") and fragment in message, message
+    assert str(path) in message or str(path.parent) in message, message
+    assert "None" not in message and "\n" not in message.strip()

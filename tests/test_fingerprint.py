@@ -290,6 +290,7 @@ def _copy(tree):
     return {"params": {"decoder": {"layers": {"w": tree["params"]["decoder"]["layers"]["w"].copy()}}, "dense": tree["params"]["dense"].copy()}}
 
 
+@pytest.mark.filterwarnings("ignore::pytest_ckptparity.CkptParityWarning")  # noise is meant to pass with its note
 @PROPS
 @given(model=models(), data=st.data())
 def test_noise_within_tolerance_never_fails(model, data, tmp_path_factory):
@@ -308,6 +309,7 @@ def test_noise_within_tolerance_never_fails(model, data, tmp_path_factory):
     assert report.passed, [r.notes for r in report.mismatches]
 
 
+@pytest.mark.filterwarnings("ignore::pytest_ckptparity.CkptParityWarning")  # noise is meant to pass with its note
 @PROPS
 @given(model=models(), data=st.data())
 def test_a_single_change_above_the_resolution_is_always_caught(model, data, tmp_path_factory):
@@ -345,8 +347,11 @@ def test_a_single_change_above_the_resolution_is_always_caught(model, data, tmp_
         assert not report.passed and [r.path for r in report.mismatches] == [path]
         if layer is not None:
             assert result.stats.mismatched_layers == (layer,)
-    else:  # between tolerance and resolution: never called identical
-        assert not result.ok or any("not bit-identical" in n for n in result.notes)
+    else:  # between tolerance and resolution: never called identical, always named
+        if result.ok:
+            where = f" in layer {layer};" if layer is not None else ";"
+            assert any(n.startswith(f"not bit-identical{where}") for n in result.notes), result.notes
+            assert any("not bit-identical to the fingerprint" in n and path in n for n in report.notes), report.notes
 
 
 def test_allowances_are_the_documented_bounds():
@@ -497,3 +502,72 @@ def test_a_fingerprint_url_is_refused_in_one_sentence_never_mangled(samples, cap
     err = capsys.readouterr().err
     assert "fingerprint file 'gs://bucket/golden/x.json' is a URL; fingerprint files are read from local disk" in err
     assert "gs:/bucket" not in err
+
+
+def test_a_change_the_statistics_cannot_see_is_named_and_warned(tmp_path):
+    """Between tolerance and resolution a change passes on statistics, but is never silent:
+    the header names the leaf and layer, and a CkptParityWarning says it (so
+    `-W error::pytest_ckptparity.CkptParityWarning` makes it fail)."""
+    from pytest_ckptparity import CkptParityWarning
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 3, 64)).astype(np.float32)  # layers on axis 1, as MaxText scans
+    tree = {"params": {"decoder": {"layers": {"w": w}}}}
+    golden = write_fingerprint(take_fingerprint(tree), tmp_path / "g.json")
+    changed = {"params": {"decoder": {"layers": {"w": w.copy()}}}}
+    changed["params"]["decoder"]["layers"]["w"][5, 1, 7] += 1e-3  # 100x atol, far below the resolution
+    assert not compare_checkpoints(changed, tree).passed
+    with pytest.warns(CkptParityWarning, match=r"1 leaf is not bit-identical to the fingerprint .*params/decoder/layers/w in layer 1"):
+        report = compare_checkpoints(changed, str(golden))
+    assert report.passed
+    (leaf,) = report.results
+    assert leaf.notes[0].startswith("not bit-identical in layer 1;")
+    with pytest.raises(CkptParityError, match="layer 1"):
+        assert_ckpt_fingerprint(changed, golden, atol=0, rtol=0)
+
+
+def test_equal_nan_false_fails_a_nan_even_with_an_equal_digest(tmp_path):
+    """equal_nan=False means a NaN never matches, as in a comparison; the digest alone would
+    call a NaN against the same NaN identical."""
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    w[1, 2] = np.nan
+    tree = {"params": {"w": w}}
+    golden = write_fingerprint(take_fingerprint(tree), tmp_path / "g.json")
+    assert compare_checkpoints(tree, str(golden)).passed
+    assert not compare_checkpoints(tree, tree, equal_nan=False).passed  # what a comparison says
+    report = compare_checkpoints(tree, str(golden), equal_nan=False)
+    assert not report.passed
+    assert [r.path for r in report.mismatches] == ["params/w"]
+    assert any("with equal_nan=False a NaN never matches" in n for n in report.mismatches[0].notes)
+
+
+def test_warnings_as_errors_make_an_unseen_change_fail_in_pytest(pytester, tmp_path):
+    """The documented strict switch: `-W error::pytest_ckptparity.CkptParityWarning`."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 2, 64)).astype(np.float32)
+    golden = write_fingerprint(take_fingerprint({"params": {"decoder": {"layers": {"w": w}}}}), tmp_path / "g.json")
+    np.save(tmp_path / "w.npy", w)
+    pytester.makepyfile(f"""
+        import numpy as np
+        from pytest_ckptparity import assert_ckpt_fingerprint
+
+        def test_changed():
+            w = np.load({str(tmp_path / 'w.npy')!r})
+            w[3, 1, 9] += 1e-3
+            assert_ckpt_fingerprint({{"params": {{"decoder": {{"layers": {{"w": w}}}}}}}}, {str(golden)!r})
+    """)
+    default = pytester.runpytest("-p", "no:cacheprovider")
+    default.assert_outcomes(passed=1, warnings=1)
+    default.stdout.fnmatch_lines(["*CkptParityWarning: 1 leaf is not bit-identical to the fingerprint*params/decoder/layers/w in layer 1*"])
+    strict = pytester.runpytest("-p", "no:cacheprovider", "-W", "error::pytest_ckptparity.CkptParityWarning")
+    strict.assert_outcomes(failed=1)
+    strict.stdout.fnmatch_lines(["*CkptParityWarning: 1 leaf is not bit-identical*in layer 1*"])
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_a_complex_leaf_is_refused_by_name_never_half_fingerprinted(dtype):
+    """Statistics of a complex leaf's real part would miss any change to its imaginary part."""
+    tree = {"params": {"c": np.array([1 + 2j, 3 - 4j], dtype), "w": np.ones(3, np.float32)}}
+    with pytest.raises(CkptParityUsageError, match=r"leaf 'params/c' is complex.*exclude='params/c'"):
+        take_fingerprint(tree)
+    assert "params/c" not in take_fingerprint(tree, exclude="params/c").leaves
