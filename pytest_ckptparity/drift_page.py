@@ -94,19 +94,21 @@ def _step_sort_key(label: str) -> tuple:
 
 
 def _pair_locations(record: dict[str, Any]) -> tuple[str, ...]:
-    """Each side's location with its step folder blanked, so one pair read at several steps
-    stays one pair: `/runs/a/checkpoints/3/items` -> `/runs/a/checkpoints/*/items`."""
+    """Each side's manager root when the record names a step, so one pair read at several
+    steps stays one pair: `/runs/a/checkpoints/3/items` -> `/runs/a/checkpoints`. A record of
+    a step one side lacks carries the roots already."""
+    if record.get("missing_step") is not None:
+        return tuple(str(loc) for loc in record.get("locations") or ["", ""])
     out = []
     steps = list(record.get("steps") or []) + [None, None]
     for loc, step in zip(record.get("locations") or ["", ""], steps):
         loc = str(loc)
         if step is not None:
-            token = f"/{step}/"
-            at = loc.rfind(token)
+            at = loc.rfind(f"/{step}/")
             if at >= 0:
-                loc = loc[:at] + "/*/" + loc[at + len(token):]
+                loc = loc[:at]
             elif loc.endswith(f"/{step}"):
-                loc = loc[: -len(str(step))] + "*"
+                loc = loc[: -len(str(step)) - 1]
         out.append(loc)
     return tuple(out)
 
@@ -127,7 +129,9 @@ class Section:
 
     @property
     def last_step(self) -> Optional[str]:
-        return self.steps[-1] if self.steps else None
+        """The last step that was compared (a step one side lacks has no leaves to draw)."""
+        compared = [s for s in self.steps if any(r.get("leaves") for r in self.records_at(s))]
+        return (compared or self.steps or [None])[-1]
 
     def records_at(self, step: Optional[str]) -> list[dict[str, Any]]:
         if step is None:
@@ -194,16 +198,16 @@ def leaf_figures(records: Iterable[dict[str, Any]]) -> dict[str, LeafFigures]:
     return out
 
 
-def first_step_outside(section: Section) -> Optional[tuple[str, str, Optional[int]]]:
-    """(step, leaf, worst layer) of the first step at which a leaf left its tolerance."""
-    for step in section.steps:
-        bad = [(l, r) for r in section.records_at(step) if not r.get("expected_failure") for l in r.get("leaves") or [] if not l.get("ok")]
-        if bad:
-            leaf = max(bad, key=lambda lr: _num((lr[0].get("stats") or {}).get("headroom")))[0]
-            drift = (leaf.get("stats") or {}).get("layer_drift") or []
-            layer = max(drift, key=lambda d: _num(d.get("headroom")))["layer"] if drift else None
-            return step, leaf["path"], layer
-    return None
+def first_step_outside(section: Section) -> Optional[tuple[int, list[Any]]]:
+    """The first step at which a leaf left its tolerance and every leaf that did then (each
+    a `trajectory.FirstDrift`: path, out-of-tolerance layers, figures). The same reading as
+    the command line's and pytest's summary, from the same records."""
+    from pytest_ckptparity.trajectory import first_drifts
+
+    drifts = first_drifts(section.records)
+    if not drifts:
+        return None
+    return drifts[0].step, [d for d in drifts if d.step == drifts[0].step]
 
 
 # --------------------------------------------------------------------------------------
@@ -523,8 +527,12 @@ def _section_html(i: int, section: Section) -> str:
     parts = [f'<section id="pair-{i}"><h2>{_e(na)} vs {_e(nb)}: <span class="verdict-{"pass" if section.passed else "fail"}">{verdict}</span></h2>', _sides(section)]
     first = first_step_outside(section) if len(section.steps) > 1 else None
     if first is not None:
-        s, path, layer = first
-        parts.append(f"<p><b>First step outside tolerance: step {_e(s)}</b>: {_e(path)}" + (f", worst at layer {layer}" if layer is not None else "") + "</p>")
+        first_step, drifts = first
+        shown = "; ".join(d.describe().split(": ", 1)[1] for d in drifts[:5]) + (f"; +{len(drifts) - 5} more" if len(drifts) > 5 else "")
+        parts.append(f'<p class="first-drift"><b>First step outside tolerance: step {first_step}</b>: {_e(shown)}</p>')
+    for r in section.records:  # a step committed on one side only: no comparison, a sentence
+        if r.get("missing_step") is not None:
+            parts.append(f'<p class="verdict-fail">{_e("; ".join(r.get("notes") or []))}</p>')
     if len(section.steps) > 1:
         for fig, kind in ((steps_figure(section), "steps"), (steps_layer_figure(section), "steps-layers")):
             if fig is not None:

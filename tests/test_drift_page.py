@@ -195,14 +195,30 @@ def steps_document(drift_runs) -> dict:
     return json_document(records, tool="test")
 
 
+def test_cli_steps_html_names_the_same_first_step_as_the_terminal(drift_runs, tmp_path, capsys):
+    page = tmp_path / "steps.html"
+    assert cli.main([drift_runs["a"], drift_runs["b"], "--steps", "all", "--html", str(page), "--color", "no"]) == cli.EXIT_MISMATCH
+    out = capsys.readouterr().out
+    # The terminal: "first step at which each leaf leaves tolerance:" then "  step 2: <leaf [layers] (figures)>".
+    lines = out.splitlines()
+    said = lines[lines.index("first step at which each leaf leaves tolerance:") + 1].split("  step 2: ", 1)[1]
+    assert f"first out of tolerance at step 2: {said}" in out
+    assert said.startswith(f"{WO} [layer 2] (values, max abs diff ")
+    own = page_without_plotlyjs(page.read_text())
+    assert f"<b>First step outside tolerance: step 2</b>: {html.escape(said)}</p>" in own
+    assert [t["x"] for t in figure_data(page.read_text(), "steps-0")][0] == [1, 2, 3, 4]
+
+
 def test_several_steps_draw_headroom_per_step_and_name_the_first_step_outside(steps_document):
     (section,) = dp.sections(steps_document)  # one pair, read at four steps
     assert section.steps == ["1", "2", "3", "4"] and section.names == ("before", "after")
-    assert dp.first_step_outside(section) == ("2", WO, 2)
+    step, drifts = dp.first_step_outside(section)
+    assert step == 2 and [(d.path, d.layers) for d in drifts] == [(WO, (2,))]
     page = dp.render_page(steps_document)
     own = page_without_plotlyjs(page)
-    assert f"<b>First step outside tolerance: step 2</b>: {WO}, worst at layer 2" in own
-    assert "<tr><th>steps</th><td>1, 2, 3, 4</td></tr>" in own and "/a/*/items</td></tr>" in own  # one pair, every step
+    assert f"<b>First step outside tolerance: step 2</b>: {WO} [layer 2] (values, max abs diff " in own
+    # One pair read at every step: each side is named by its manager root.
+    assert "<tr><th>steps</th><td>1, 2, 3, 4</td></tr>" in own and f", at {steps_document['comparisons'][0]['locations'][0].rsplit('/', 2)[0]}</td>" in own
     lines = {t["name"]: t for t in figure_data(page, "steps-0")}
     assert list(lines["params/decoder/layers/mlp/wo/kernel"]["x"]) == [1, 2, 3, 4]
     wo = lines[WO]["y"]
@@ -213,7 +229,7 @@ def test_several_steps_draw_headroom_per_step_and_name_the_first_step_outside(st
     assert len(by_layer["z"]) == 4 and all(len(r) == 4 for r in by_layer["z"])  # layers x steps
     assert by_layer["z"][2][0] is None and by_layer["z"][2][1] > 0 > by_layer["z"][1][0]
     # The per-layer heatmap shows the last step; the table lists the mismatches of every step.
-    assert '"title":{"text":"headroom by layer at step 4:' in page
+    assert re.findall(r'"text":"(headroom by layer[^"]*?):', page) == ["headroom by layer at step 4"], re.findall(r'headroom by layer.{0,80}', page)
     table = own[own.index('<table class="mismatches">'):]
     assert table.count(f"<td>{WO} [layer 2]</td>") == 3 and "<th>step</th>" in table
 
@@ -380,3 +396,35 @@ def test_a_matrix_of_pairs_draws_one_section_per_pair(demo_ckpts):
     (drifted,) = figure_data(page, "heatmap-1")
     assert drifted["z"][drifted["y"].index(WI0)][1] == dp.LOG_MAX
     assert "<td>t[linen-vs-nnx_drift]</td>" in own
+
+
+def test_a_step_committed_on_one_side_only_is_said_in_its_pair(steps_document):
+    from pytest_ckptparity.report import json_document
+    from pytest_ckptparity.trajectory import missing_step_record
+
+    roots = tuple(loc.rsplit("/", 2)[0] for loc in steps_document["comparisons"][0]["locations"])
+    sentence = "step 5 is committed in before only: after's step 5 does not exist there (after's committed steps: 1, 2, 3, 4)"
+    records = [*steps_document["comparisons"], missing_step_record(5, 0, ("before", "after"), roots, sentence)]
+    page = dp.render_page(json_document(records, tool="test"))
+    (section,) = dp.sections(json_document(records, tool="test"))  # the same pair as its compared steps
+    assert section.steps == ["1", "2", "3", "4", "5"]
+    own = page_without_plotlyjs(page)
+    assert f'<p class="verdict-fail">{html.escape(sentence)}</p>' in own
+    assert [t["x"] for t in figure_data(page, "steps-0")][0] == [1, 2, 3, 4, 5]
+    assert "headroom by layer at step 4:" in page  # the last step compared, not the missing one
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_pytest_over_steps_draws_the_step_figures(pytester, drift_runs, xdist):
+    result = run(pytester, f"--ckpt-a={drift_runs['a']}", f"--ckpt-b={drift_runs['b']}", "--ckpt-steps=all", "--ckpt-html=steps.html", *xdist)
+    assert result.ret == 1
+    page = (pytester.path / "steps.html").read_text()
+    own = page_without_plotlyjs(page)
+    # Items per step and subtree, from every worker: one pair, four steps, the first drift named.
+    assert "<tr><th>steps</th><td>1, 2, 3, 4</td></tr>" in own
+    assert f"<b>First step outside tolerance: step 2</b>: {WO} [layer 2] (values, max abs diff " in own
+    lines = {t["name"]: t["y"] for t in figure_data(page, "steps-0")}
+    assert lines[WO][0] is None and 1 < lines[WO][1] < lines[WO][2] < lines[WO][3]
+    (heat,) = figure_data(page, "heatmap-0")
+    assert all(len(r) == 4 for r in heat["z"]) and heat["z"][heat["y"].index(WO)][2] > 0
+    assert "ckpt-parity::step_2/" in own  # the mismatch table names the item of each step
