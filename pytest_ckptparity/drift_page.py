@@ -527,8 +527,10 @@ def _section_html(i: int, section: Section) -> str:
     parts = [f'<section id="pair-{i}"><h2>{_e(na)} vs {_e(nb)}: <span class="verdict-{"pass" if section.passed else "fail"}">{verdict}</span></h2>', _sides(section)]
     first = first_step_outside(section) if len(section.steps) > 1 else None
     if first is not None:
+        from pytest_ckptparity.trajectory import drift_line
+
         first_step, drifts = first
-        shown = "; ".join(d.describe().split(": ", 1)[1] for d in drifts[:5]) + (f"; +{len(drifts) - 5} more" if len(drifts) > 5 else "")
+        shown = drift_line(drifts).split(": ", 1)[1]  # word for word the terminal summary's line
         parts.append(f'<p class="first-drift"><b>First step outside tolerance: step {first_step}</b>: {_e(shown)}</p>')
     for r in section.records:  # a step committed on one side only: no comparison, a sentence
         if r.get("missing_step") is not None:
