@@ -1,0 +1,116 @@
+"""Reading as stored: a layer stack is read and compared in its stored axis order (no layer-first
+copy or strided view), and every figure equals the layer-first kernel's; slabs of two chunk
+grids hold at most the read budget."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pytest_ckptparity import Comparison
+from pytest_ckptparity import diff as diff_mod
+from pytest_ckptparity import examples as ex
+from pytest_ckptparity._model import Tolerance
+from pytest_ckptparity.diff import CompareOptions
+
+SPECIAL = [np.nan, np.inf, -np.inf]
+
+
+@st.composite
+def stored_pairs(draw):
+    """(a, b, layer axis or None) as stored: mostly within tolerance, sometimes with a value
+    beyond it, a NaN or an inf, sometimes with ties (repeated values) for the headroom."""
+    ndim = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    axis = draw(st.one_of(st.none(), st.integers(0, ndim - 1)))
+    dtype = draw(st.sampled_from([np.float32, np.float64, np.float16, ml_dtypes.bfloat16]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    b = rng.standard_normal(shape)
+    if draw(st.booleans()):  # ties: a handful of distinct values repeated
+        b = np.round(b * 2) / 2
+    noise = draw(st.sampled_from([0.0, 1e-7, 1e-3, 0.3]))  # 0.3 is beyond bfloat16's rtol
+    a = b * (1 + noise * rng.choice([-1.0, 1.0], size=shape)) if noise else b.copy()
+    if draw(st.integers(0, 3)) == 0:  # one odd element on a side
+        side = draw(st.sampled_from(["a", "b", "both"]))
+        flat = draw(st.integers(0, a.size - 1))
+        value = draw(st.sampled_from(SPECIAL + [100.0]))
+        for arr, name in ((a, "a"), (b, "b")):
+            if side in (name, "both"):
+                arr.reshape(-1)[flat] = value
+    return a.astype(dtype), b.astype(dtype), axis
+
+
+@settings(max_examples=150, deadline=None)
+@given(pair=stored_pairs(), piece=st.integers(1, 40), equal_nan=st.booleans(), origin_shift=st.integers(0, 7),
+       tol=st.sampled_from([Tolerance(atol=1e-5, rtol=1.3e-6), Tolerance(atol=1e-2, rtol=1e-2), Tolerance(atol=1e-3, rtol=0.0)]))
+def test_stored_order_figures_equal_the_layer_first_kernel(pair, piece, equal_nan, origin_shift, tol):
+    """Every figure (counts, maxima, headroom and its index, per-layer drift, first and worst
+    indices) from the stored-order path equals `compare_block` on the layer-first view."""
+    a, b, axis = pair
+    move = (lambda x: np.moveaxis(x, axis, 0)) if axis is not None else (lambda x: x)
+    origin = tuple(origin_shift * (i + 1) for i in range(a.ndim))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diff_mod, "PIECE_ELEMENTS", piece)
+        expected, got = diff_mod._Accumulator(), diff_mod._Accumulator()
+        diff_mod.compare_block(move(a), move(b), tol, equal_nan, expected, origin, axis is not None)
+        diff_mod.compare_stored_block(a, b, tol, equal_nan, got, origin, axis)
+    assert _without_zero_layers(got.stats()) == _without_zero_layers(expected.stats())
+
+
+def _without_zero_layers(stats):
+    """A layer the kernel found bitwise equal is absent from its figures; one inside a stored
+    piece that differed elsewhere is there with 0s. Both read 0 in the leaf's result (every
+    layer compared gets 0s when absent), so only the layers that drifted are compared."""
+    from dataclasses import replace
+
+    return repr(replace(stats, layer_drift=tuple(d for d in stats.layer_drift if (d.max_abs, d.max_rel, d.headroom) != (0, 0, 0))))
+
+
+def test_a_block_with_a_mismatch_is_compared_again_layer_first():
+    """The stored-order path only proves blocks within tolerance: a mismatch anywhere sends the
+    block to the kernel, which reports it at its canonical (layer-first) index."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 3, 10)).astype(np.float32)  # stored (emb, layers, mlp)
+    b = a.copy()
+    b[4, 2, 7] += 1.0
+    acc = diff_mod._Accumulator()
+    diff_mod.compare_stored_block(a, b, Tolerance(atol=1e-5, rtol=1e-5), True, acc, (0, 0, 0), 1)
+    stats = acc.stats()
+    assert stats.n_mismatch == 1 and stats.n_total == a.size
+    assert stats.worst_index == (2, 4, 7) and stats.first_indices == ((2, 4, 7),)
+    assert stats.mismatched_layers == (2,)
+    assert [(d.layer, d.headroom > 1) for d in stats.layer_drift] == [(2, True)]  # the equal layers get 0s when the leaf is done
+
+
+def _write_pair(tmp_path, noise: float):
+    params = ex.tiny_params(0, layers=3, emb=16, heads=2, head_dim=8, mlp=64, vocab=64)
+    rng = np.random.default_rng(1)
+    other = ex._map(params, lambda x: (x * (1 + rng.uniform(-noise, noise, x.shape))).astype(x.dtype))
+    a = ex.save(tmp_path / "a", ex.linen_train_state(params), step=1)
+    b = ex.save(tmp_path / "b", ex.linen_train_state(other), step=1)
+    return a, b
+
+
+@pytest.mark.parametrize("noise", [1e-7, 1e-3])
+def test_reading_as_stored_gives_the_report_of_the_layer_first_reading(tmp_path, monkeypatch, noise):
+    """Real orbax checkpoints (layers stacked on axis 1): the report read as stored equals the
+    report read layer first, within tolerance (1e-7) and with mismatches (1e-3), field by field."""
+    a, b = _write_pair(tmp_path, noise)
+    options = CompareOptions(stored_bytes=False)  # every chunk decoded
+    calls = []
+    real = diff_mod.compare_stored_block
+    monkeypatch.setattr(diff_mod, "compare_stored_block", lambda *x, **y: calls.append(x[6]) or real(*x, **y))
+    as_stored = Comparison(a, b, options=options).run()
+    assert 1 in calls  # the stacks went through the stored-order path, layer axis 1
+    monkeypatch.setattr(diff_mod, "_read_as_stored", lambda la, lb: False)
+    layer_first = Comparison(a, b, options=options).run()
+    assert as_stored.passed == layer_first.passed == (noise < 1e-6)
+    assert [r.to_dict() for r in as_stored.results] == [r.to_dict() for r in layer_first.results]
+    layered = [r for r in as_stored.results if r.layers]
+    assert layered and all(len(r.stats.layer_drift) == 3 for r in layered)
+    assert any(d.headroom > 0 for r in layered for d in r.stats.layer_drift)
