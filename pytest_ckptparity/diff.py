@@ -669,11 +669,95 @@ def _stored_block(leaf: LogicalLeaf, block: tuple[slice, ...]) -> tuple[slice, .
 
 def _start_reads(va: NormalizedView, vb: NormalizedView, job: _Job, block: tuple[slice, ...]) -> tuple[Any, Any]:
     """Start reading a block on both sides: as stored when `job.as_stored` (no layer-first
-    view), else through the views (canonical order, a list for per-layer arrays)."""
+    view), else through the views (canonical order, a list for per-layer arrays). A slab
+    that cuts stored chunks is read one chunk's part at a time (see `_read_in_parts`)."""
     if job.as_stored:
+        if _cuts_chunks(job, block):
+            a = _read_in_parts(va, job.la, block)
+            return a, _read_in_parts(vb, job.lb, block, after=a)
         return (va.checkpoint.read(job.la.storage.raw, _stored_block(job.la, block)),
                 vb.checkpoint.read(job.lb.storage.raw, _stored_block(job.lb, block)))
     return va.read(job.la, block), vb.read(job.lb, block)
+
+
+def _chunk_extents(leaf: LogicalLeaf, ndim: int) -> Optional[tuple[int, ...]]:
+    c = leaf.chunk_shape
+    if c is None or len(c) != ndim:
+        return None
+    return tuple(max(1, min(ci, d)) for ci, d in zip(c, leaf.shape))
+
+
+def _cuts_chunks(job: _Job, block: tuple[slice, ...]) -> bool:
+    """Whether the block cuts a stored chunk of either side (a slab: see `_plan_blocks`)."""
+    for leaf in (job.la, job.lb):
+        grid = _chunk_extents(leaf, len(block))
+        if grid is None:
+            continue
+        for s, c, d in zip(block, grid, leaf.shape):
+            if s.start % c or (s.stop % c and s.stop != d):
+                return True
+    return False
+
+
+def _chunk_parts(block: tuple[slice, ...], grid: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """The block cut along the stored chunk edges: each part lies in one chunk, in C order."""
+    ranges = []
+    for s, c in zip(block, grid):
+        edges = [s.start] + list(range((s.start // c + 1) * c, s.stop, c)) + [s.stop]
+        ranges.append([slice(lo, hi) for lo, hi in zip(edges, edges[1:])])
+    return [tuple(p) for p in itertools.product(*ranges)]
+
+
+def _read_in_parts(view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ...], after: Any = None) -> Any:
+    """Read a slab of one stored array one chunk's part at a time, into one array as stored.
+
+    tensorstore decodes every chunk a read touches whole, all at once: a slab that cuts four
+    chunks of a side would hold those four decoded (and their stored bytes) together. Here
+    the next part's read starts only once the previous one is done, so a side holds one
+    decoded chunk at a time besides the slab; the chunks decoded are the same. With `after`
+    (the other side's slab), this side starts only once that one is read, so the two sides'
+    chunks are not decoded at the same time either.
+    """
+    grid = _chunk_extents(leaf, len(block))
+    parts = _chunk_parts(block, grid) if grid is not None else [block]
+    raw = leaf.storage.raw
+    shape = tuple(s.stop - s.start for s in _stored_block(leaf, block))
+    first = view.checkpoint.read(raw, _stored_block(leaf, parts[0])) if after is None else None
+
+    def get() -> Any:
+        if after is not None:
+            after.result()
+        pending = first or view.checkpoint.read(raw, _stored_block(leaf, parts[0]))
+        out = None
+        for k, part in enumerate(parts):
+            data = pending.result()
+            if len(parts) == 1:
+                return data
+            if k + 1 < len(parts):
+                pending = view.checkpoint.read(raw, _stored_block(leaf, parts[k + 1]))
+            if out is None:
+                out = np.empty(shape, data.dtype)
+            relative = tuple(slice(p.start - b.start, p.stop - b.start) for p, b in zip(part, block))
+            out[_stored_block(leaf, relative)] = data
+            del data
+        return out
+
+    return _Once(get, math.prod(shape) * _itemsize(leaf.dtype))
+
+
+class _Once:
+    """A pending read computed once and kept: the other side's chained read and the
+    comparison both ask for it."""
+
+    __slots__ = ("_get", "_value", "nbytes")
+
+    def __init__(self, get: Any, nbytes: int) -> None:
+        self._get, self._value, self.nbytes = get, None, nbytes
+
+    def result(self) -> Any:
+        if self._value is None:
+            self._value = self._get()
+        return self._value
 
 
 def chunk_alignment(la: LogicalLeaf, lb: LogicalLeaf) -> tuple[int, ...]:
@@ -1122,16 +1206,17 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
 def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
     """Memory a block's read holds at its peak: the block itself, both sides, plus every
     stored chunk it touches, decoded whole by tensorstore before the block's part is copied
-    out. A slab that cuts the other side's chunks thus counts those chunks in full."""
+    out. A slab read one chunk's part at a time (`_read_in_parts`) holds one chunk a side."""
     n = math.prod(s.stop - s.start for s in block)
     total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+    in_parts = job.as_stored and _cuts_chunks(job, block)
     for leaf in (job.la, job.lb):
         c = leaf.chunk_shape
         if c is not None and len(c) == len(block):
             touched = 1
             for s, ci, d in zip(block, c, leaf.shape):
                 ci = max(1, min(ci, d))
-                touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
+                touched *= ci if in_parts else min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
             total += touched * _itemsize(leaf.dtype)
     return total
 

@@ -114,3 +114,100 @@ def test_reading_as_stored_gives_the_report_of_the_layer_first_reading(tmp_path,
     layered = [r for r in as_stored.results if r.layers]
     assert layered and all(len(r.stats.layer_drift) == 3 for r in layered)
     assert any(d.headroom > 0 for r in layered for d in r.stats.layer_drift)
+
+
+# A sharded over 8 devices by rows, B by columns (orbax, 8 fake CPU devices in a child
+# process): the two chunk grids cut the array on different axes, so a budget smaller than
+# the whole array forces slabs that cut B's chunks.
+MESH_WRITER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pytest_ckptparity import examples as ex
+
+root = sys.argv[1]
+mesh = Mesh(np.array(jax.devices()), ("x",))
+w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+planted = w.copy()
+planted[9, 40] += 1.0   # in the second slab, the last column chunk of B
+for name, value, spec in (("rows", w, P("x", None)), ("cols", w, P(None, "x")), ("cols_planted", planted, P(None, "x"))):
+    ex.save(os.path.join(root, name), {"w": jax.device_put(value, NamedSharding(mesh, spec))}, step=0)
+"""
+
+
+@pytest.fixture(scope="module")
+def meshes(tmp_path_factory):
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("meshes")
+    subprocess.run([sys.executable, "-c", MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
+    return {name: str(root / name) for name in ("rows", "cols", "cols_planted")}
+
+
+class _InFlight:
+    """Records every array read (side, decoded bytes) and how many reads of the comparison
+    were unfinished when it started."""
+
+    def __init__(self, monkeypatch):
+        from pytest_ckptparity.sources import OrbaxCheckpoint, Pending
+
+        self.reads, self.alive, self.most = [], 0, 0
+        original = OrbaxCheckpoint.read
+
+        def read(ckpt, path, index=None):
+            pending = original(ckpt, path, index)
+            self.alive += 1
+            self.most = max(self.most, self.alive)
+            self.reads.append((ckpt.name, pending.nbytes))
+            done = []
+
+            def get():
+                value = pending.result()
+                if not done:
+                    done.append(1)
+                    self.alive -= 1
+                return value
+
+            return Pending(get, pending.nbytes)
+
+        monkeypatch.setattr(OrbaxCheckpoint, "read", read)
+
+
+@pytest.mark.parametrize("b", ["cols", "cols_planted"])
+def test_slabs_are_read_one_stored_chunk_at_a_time(meshes, monkeypatch, b):
+    """Slabs of one A chunk (8 x 48) cut each of B's 8 column chunks (64 x 6): B's side of a
+    slab is read as 8 parts of 8 x 6, one after the other and after A's, so at most one read
+    is unfinished at any time; every element is still compared once, and a difference in a
+    part is found at its index."""
+    budget = 8 << 10  # the common block (the whole 12 KiB array, both sides) does not fit
+    log = _InFlight(monkeypatch)
+    report = Comparison(meshes["rows"], meshes[b], options=CompareOptions(read_budget=budget)).run()
+    (w,) = report.results
+    assert w.stats.n_total == 64 * 48 and w.bytes_read == 2 * 64 * 48 * 4
+    a_reads = [n for side, n in log.reads if side == "A"]
+    b_reads = [n for side, n in log.reads if side == "B"]
+    assert a_reads == [8 * 48 * 4] * 8  # one whole A chunk per slab
+    assert b_reads == [8 * 6 * 4] * 64  # eight parts of B's chunks per slab
+    assert log.most == 1  # never two chunks decoding at once
+    if b == "cols":
+        assert report.passed
+    else:
+        assert not report.passed and w.stats.n_mismatch == 1 and w.stats.first_indices == ((9, 40),)
+
+
+def test_slab_reads_hold_one_chunk_a_side_in_the_budget():
+    """The budget counts a slab read in parts as the slab on both sides plus one stored chunk
+    a side, not every chunk the slab cuts."""
+    from pytest_ckptparity.normalize import LogicalLeaf, Storage
+
+    la = LogicalLeaf("w", "params", (64, 48), "float32", Storage(raw=("w",)), chunk_shape=(8, 48))
+    lb = LogicalLeaf("w", "params", (64, 48), "float32", Storage(raw=("w",)), chunk_shape=(64, 6))
+    job = diff_mod._Job("w", la, lb, Tolerance(1e-5, 1e-5), None, None, (), [], as_stored=True)
+    slab = (slice(8, 16), slice(0, 48))
+    assert diff_mod._cuts_chunks(job, slab)
+    assert diff_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 6) * 4
+    job.as_stored = False  # read through the views: every chunk the slab touches, at once
+    assert diff_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 48) * 4
