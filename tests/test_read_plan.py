@@ -47,18 +47,20 @@ def stored_pairs(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(pair=stored_pairs(), piece=st.integers(1, 40), equal_nan=st.booleans(), origin_shift=st.integers(0, 7),
+       cast=st.sampled_from([None, None, np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)]),
        tol=st.sampled_from([Tolerance(atol=1e-5, rtol=1.3e-6), Tolerance(atol=1e-2, rtol=1e-2), Tolerance(atol=1e-3, rtol=0.0)]))
-def test_stored_order_figures_equal_the_layer_first_kernel(pair, piece, equal_nan, origin_shift, tol):
+def test_stored_order_figures_equal_the_layer_first_kernel(pair, piece, equal_nan, origin_shift, tol, cast):
     """Every figure (counts, maxima, headroom and its index, per-layer drift, first and worst
-    indices) from the stored-order path equals `compare_block` on the layer-first view."""
+    indices) from the stored-order path equals `compare_block` on the layer-first view, with
+    and without a cast (dtype policy `cast`)."""
     a, b, axis = pair
     move = (lambda x: np.moveaxis(x, axis, 0)) if axis is not None else (lambda x: x)
     origin = tuple(origin_shift * (i + 1) for i in range(a.ndim))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(diff_mod, "PIECE_ELEMENTS", piece)
         expected, got = diff_mod._Accumulator(), diff_mod._Accumulator()
-        diff_mod.compare_block(move(a), move(b), tol, equal_nan, expected, origin, axis is not None)
-        diff_mod.compare_stored_block(a, b, tol, equal_nan, got, origin, axis)
+        diff_mod.compare_block(move(a), move(b), tol, equal_nan, expected, origin, axis is not None, cast)
+        diff_mod.compare_stored_block(a, b, tol, equal_nan, got, origin, axis, cast)
     assert _without_zero_layers(got.stats()) == _without_zero_layers(expected.stats())
 
 
