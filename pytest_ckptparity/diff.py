@@ -17,6 +17,11 @@ largest chunk, never the checkpoint or the two sides' topologies.
 Stored bytes: a leaf both sides store alike (dtype, chunk grid, codecs) is read as stored
 chunk bytes first; equal bytes are equal values, and only chunks whose bytes differ are
 decoded and compared as values.
+
+Stored order: when both sides hold a leaf as one array (a stack with its layers on the same
+axis), blocks are read and compared in that stored axis order (contiguous, no layer-first
+view); per-layer figures and indices are computed in canonical (layer first) terms. A slab
+that cuts stored chunks is read one chunk's part at a time, one side after the other.
 """
 
 from __future__ import annotations
@@ -279,10 +284,9 @@ class _Figures:
     headroom and where (canonical index, earliest in canonical order among ties), and per
     block layer the maxima (arrays indexed by layer - the block's first layer)."""
 
-    __slots__ = ("n", "max_abs", "max_rel", "headroom", "headroom_index", "layer_abs", "layer_rel", "layer_head")
+    __slots__ = ("max_abs", "max_rel", "headroom", "headroom_index", "layer_abs", "layer_rel", "layer_head")
 
     def __init__(self, n_layers: int) -> None:
-        self.n = 0
         self.max_abs = self.max_rel = self.headroom = 0.0
         self.headroom_index: Optional[tuple[int, ...]] = None
         self.layer_abs = np.zeros(n_layers)
@@ -294,7 +298,6 @@ class _Figures:
             self.headroom, self.headroom_index = value, index
 
     def merge(self, other: "_Figures") -> None:
-        self.n += other.n
         self.max_abs = max(self.max_abs, other.max_abs)
         self.max_rel = max(self.max_rel, other.max_rel)
         if other.headroom_index is not None:
@@ -434,7 +437,6 @@ def _fast_piece(
     head = float(head)
     if head > 0 and head >= figures.headroom:
         figures.take_headroom(head, _earliest(np.flatnonzero(ratio.reshape(-1) == head), shape, piece, origin, layer_axis))
-    figures.n += n
     return True
 
 
