@@ -213,3 +213,30 @@ def test_slab_reads_hold_one_chunk_a_side_in_the_budget():
     assert diff_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 6) * 4
     job.as_stored = False  # read through the views: every chunk the slab touches, at once
     assert diff_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 48) * 4
+
+
+def test_a_layer_range_read_as_stored_reports_those_layers(tmp_path, monkeypatch):
+    """A pytest item compares some layers of a stack (a selection with a layer range): read
+    as stored, its figures, indices and per-layer drift are those of the layer-first reading,
+    numbered in the whole stack, and a difference in a selected layer is found there."""
+    from pytest_ckptparity.diff import Selection
+
+    params = ex.tiny_params(0, layers=5, emb=16, heads=2, head_dim=8, mlp=64, vocab=64)
+    rng = np.random.default_rng(3)
+    other = ex._map(params, lambda x: (x * (1 + rng.uniform(-1e-7, 1e-7, x.shape))).astype(x.dtype))
+    kernel = other["decoder"]["layers"]["mlp"]["wi_0"]["kernel"]  # stored (emb, layers, mlp)
+    kernel[3, 3, 5] += 0.5  # layer 3
+    a = ex.save(tmp_path / "a", ex.linen_train_state(params), step=1)
+    b = ex.save(tmp_path / "b", ex.linen_train_state(other), step=1)
+    options = CompareOptions(stored_bytes=False)
+    comparison = Comparison(a, b, options=options)
+    stacked = [p for p, leaf in comparison.views[0].leaves.items() if leaf.layers and p.startswith("params/")]
+    selection = [Selection(tuple(stacked), layer_range=(2, 5))]
+    as_stored = comparison.run(selection)
+    monkeypatch.setattr(diff_mod, "_read_as_stored", lambda la, lb: False)
+    layer_first = Comparison(a, b, options=options).run(selection)
+    assert [r.to_dict() for r in as_stored.results] == [r.to_dict() for r in layer_first.results]
+    (bad,) = as_stored.mismatches
+    assert bad.path == "params/decoder/layers/mlp/wi_0/kernel" and bad.stats.worst_index == (3, 3, 5)
+    assert [d.layer for d in bad.stats.layer_drift] == [2, 3, 4] and bad.stats.mismatched_layers == (3,)
+    assert all(r.stats.n_total == 3 * math.prod(r.shape_a[1:]) for r in as_stored.results)
