@@ -23,7 +23,8 @@ Contenders, each in its own process, alternated in one run (`--repeat` rounds):
                at most 256 MiB decoded in flight, then discarded (no comparison at all); for
                the bf16 pair only B's params, the arrays compared
   ckptparity   the `ckptparity A B` command line
-  floor-malloc (--also floor-malloc) the floor with the command line's malloc settings
+  floor-malloc the floor with the command line's malloc settings (like for like; drop it with
+               --also no-floor-malloc)
   values       (--also values) the same comparison with stored bytes off: every chunk decoded
   mallopt      (--also mallopt) the command line with glibc's mmap threshold at 4 MiB instead
   pytest       (--also pytest) the plugin (`--ckpt-a/--ckpt-b`), serial and with `-n 2`
@@ -249,7 +250,7 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
         "floor": [py, "-c", FLOOR, a, b + ("::params." if params_only else "")],
         "ckptparity": [py, "-m", "pytest_ckptparity.cli", a, b, "--color", "no", *extra],
     }
-    if "floor-malloc" in more:
+    if "floor-malloc" in more or "no-floor-malloc" not in more:  # like for like with the command's malloc settings
         contenders["floor-malloc"] = contenders["floor"] + ["FLOOR_MALLOC=reuse"]
     if "values" in more:
         contenders["values"] = [py, "-c", VALUES, a, b, policy]
@@ -260,6 +261,7 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
     if "mallopt" in more:
         contenders["mallopt"] = [py, "-c", MALLOPT, a, b, "--color", "no", *extra]
     run_once(contenders["floor"])  # warm the page cache: every contender then reads from memory
+    load_before = os.getloadavg()[0]
     runs: dict[str, list] = {k: [] for k in contenders}
     for _ in range(repeat):
         for key, cmd in contenders.items():
@@ -269,6 +271,7 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
                 raise SystemExit(f"{key}: exit code {run[3]}: {' '.join(cmd)}")
             runs[key].append(run)
     out = {k: summary(v) for k, v in runs.items()}
+    out["load"] = (load_before, os.getloadavg()[0])  # 1-minute load average (2 cores) before and after the rounds
     done = subprocess.run([py, "-c", DECODES, a, b, policy], check=True, capture_output=True, text=True)
     as_values, with_bytes, stored = (int(x) for x in done.stdout.split())
     out["decode_factor"] = as_values / stored  # values only: > 1 when slabs cut chunks
@@ -283,9 +286,10 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0, help="also run each variant this many times larger")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--repeat", type=int, default=5, help="rounds; in each, every contender runs once")
-    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest", "floor-malloc"),
+    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest", "floor-malloc", "no-floor-malloc"),
                    help="more contenders: 'values' (stored bytes off: every chunk decoded), 'mallopt' (the CLI with a "
-                        "4 MiB mmap threshold), 'pytest' (the plugin serial and with -n 2)")
+                        "4 MiB mmap threshold), 'pytest' (the plugin serial and with -n 2); 'no-floor-malloc' drops the "
+                        "floor with the command's malloc settings (run by default)")
     p.add_argument("--dir", default="/tmp/ckptbench-sharded", help="where pairs are written (reused when present)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
@@ -299,11 +303,13 @@ def main() -> None:
             results[label] = r
             f = r["floor"]
             print(f"{label}: {r['chunks']} chunks compared; chunk decodes / chunks: {r['decode_factor']:.2f} reading values, "
-                  f"{r['decoded_share']:.2f} with stored bytes first")
+                  f"{r['decoded_share']:.2f} with stored bytes first; load {r['load'][0]:.1f} -> {r['load'][1]:.1f}")
+            fm = r.get("floor-malloc")
             for key in (k for k in r if isinstance(r[k], dict)):
                 c = r[key]
-                print(f"  {key:<11} {c['wall']:6.2f} s ({c['wall_min']:.2f}-{c['wall_max']:.2f})  cpu {c['cpu']:6.2f} s  rss {c['rss']:5.0f} MB"
-                      f"  | {c['wall'] / f['wall']:.2f}x wall, {c['cpu'] / f['cpu']:.2f}x cpu of the floor", flush=True)
+                like = f", {c['wall'] / fm['wall']:.2f}x wall, {c['cpu'] / fm['cpu']:.2f}x cpu of floor-malloc" if fm else ""
+                print(f"  {key:<12} {c['wall']:6.2f} s ({c['wall_min']:.2f}-{c['wall_max']:.2f})  cpu {c['cpu']:6.2f} s  rss {c['rss']:5.0f} MB"
+                      f"  | {c['wall'] / f['wall']:.2f}x wall, {c['cpu'] / f['cpu']:.2f}x cpu of the floor{like}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

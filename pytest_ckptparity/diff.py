@@ -17,6 +17,11 @@ largest chunk, never the checkpoint or the two sides' topologies.
 Stored bytes: a leaf both sides store alike (dtype, chunk grid, codecs) is read as stored
 chunk bytes first; equal bytes are equal values, and only chunks whose bytes differ are
 decoded and compared as values.
+
+Stored order: when both sides hold a leaf as one array (a stack with its layers on the same
+axis), blocks are read and compared in that stored axis order (contiguous, no layer-first
+view); per-layer figures and indices are computed in canonical (layer first) terms. A slab
+that cuts stored chunks is read one chunk's part at a time, one side after the other.
 """
 
 from __future__ import annotations
@@ -274,6 +279,190 @@ def compare_block(
         acc.merge(part)
 
 
+class _Figures:
+    """A differing run of pieces of one block, compared in stored order: the maxima, the
+    headroom and where (canonical index, earliest in canonical order among ties), and per
+    block layer the maxima (arrays indexed by layer - the block's first layer)."""
+
+    __slots__ = ("max_abs", "max_rel", "headroom", "headroom_index", "layer_abs", "layer_rel", "layer_head")
+
+    def __init__(self, n_layers: int) -> None:
+        self.max_abs = self.max_rel = self.headroom = 0.0
+        self.headroom_index: Optional[tuple[int, ...]] = None
+        self.layer_abs = np.zeros(n_layers)
+        self.layer_rel = np.zeros(n_layers)
+        self.layer_head = np.zeros(n_layers)
+
+    def take_headroom(self, value: float, index: tuple[int, ...]) -> None:
+        if value > self.headroom or (value == self.headroom and value > 0 and (self.headroom_index is None or index < self.headroom_index)):
+            self.headroom, self.headroom_index = value, index
+
+    def merge(self, other: "_Figures") -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_rel = max(self.max_rel, other.max_rel)
+        if other.headroom_index is not None:
+            self.take_headroom(other.headroom, other.headroom_index)
+        np.maximum(self.layer_abs, other.layer_abs, out=self.layer_abs)
+        np.maximum(self.layer_rel, other.layer_rel, out=self.layer_rel)
+        np.maximum(self.layer_head, other.layer_head, out=self.layer_head)
+
+
+def _fast_eligible(dtype: np.dtype, tol: Tolerance) -> bool:
+    """The stored-order path handles real floats up to float64 under a tolerance with both
+    atol and rtol above 0 (so no allowance is 0 and no 0/0 ratio arises); anything else, and
+    any block where an element fails or is not finite, goes through `compare_block`."""
+    real_float = dtype.kind == "f" or (_kind(dtype.name) == "float" and dtype.kind != "c")
+    return real_float and dtype.itemsize <= 8 and not tol.exact and tol.atol > 0 and tol.rtol > 0
+
+
+def compare_stored_block(
+    a: np.ndarray, b: np.ndarray, tol: Tolerance, equal_nan: bool, acc: _Accumulator,
+    origin: tuple[int, ...], layer_axis: Optional[int], cast: Optional[np.dtype] = None,
+) -> None:
+    """Compare one block as stored (a stack keeps its layer axis where it is stored) and fold
+    it into `acc` exactly as `compare_block` on the layer-first view would.
+
+    A stacked array read as stored is C-contiguous; seen layer first it is strided, and
+    numpy's loops over strided pieces cost about 60% more. So pieces here run in stored
+    order, per-layer figures come from reductions over the other axes, and indices are
+    mapped to canonical (layer first) coordinates. This path only proves a block within
+    tolerance: when an element fails, is not finite or is not covered (integers, complex,
+    a zero atol or rtol), the block is compared again by `compare_block`, so mismatch
+    counts, first and worst indices and every rule for NaN and inf stay the kernel's own.
+    """
+    def canonical() -> None:
+        move = (lambda x: np.moveaxis(x, layer_axis, 0)) if layer_axis is not None else (lambda x: x)
+        compare_block(move(a), move(b), tol, equal_nan, acc, origin, layer_axis is not None, cast)
+
+    a = np.asarray(a)
+    b = np.asarray(b)
+    compare_dtype = cast if cast is not None else a.dtype
+    if a.ndim == 0 or not _fast_eligible(np.dtype(compare_dtype), tol) or (cast is None and a.dtype != b.dtype):
+        return canonical()
+    pieces = list(_pieces(a.shape, PIECE_ELEMENTS))
+    differing = []
+    for piece in pieces:
+        pa, pb = a[piece], b[piece]
+        if not pa.size:
+            continue
+        if len(differing) >= 2 or not _bitwise_equal(pa, pb):
+            differing.append(piece)
+        elif not equal_nan and _has_nan(pa):
+            return canonical()  # a NaN that must not equal itself: a mismatch to report
+    total = a.size
+    if not differing:
+        acc.n_total += total
+        return
+    n_layers = a.shape[layer_axis] if layer_axis is not None else 0
+    work_dtype = np.float64 if np.dtype(compare_dtype).itemsize >= 8 else np.float32
+
+    def run(group: list[tuple[slice, ...]]) -> Optional[_Figures]:
+        figures = _Figures(n_layers)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for piece in group:
+                if not _fast_piece(a[piece], b[piece], piece, tol, layer_axis, origin, cast, work_dtype, figures):
+                    return None
+        return figures
+
+    groups = _split(differing, _threads())
+    results = map(run, groups) if len(groups) == 1 else _pool().map(run, groups)
+    block = _Figures(n_layers)
+    for figures in results:
+        if figures is None:
+            return canonical()
+        block.merge(figures)
+    acc.n_total += total
+    acc.max_abs = max(acc.max_abs, block.max_abs)
+    acc.max_rel = max(acc.max_rel, block.max_rel)
+    if block.headroom_index is not None and block.headroom > acc.headroom:
+        acc.headroom, acc.headroom_index = block.headroom, block.headroom_index
+    if layer_axis is not None:
+        first = origin[0]
+        for k in range(n_layers):
+            mine = acc.layer_drift.setdefault(first + k, [0.0, 0.0, 0.0])
+            mine[:] = [max(mine[0], float(block.layer_abs[k])), max(mine[1], float(block.layer_rel[k])), max(mine[2], float(block.layer_head[k]))]
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """`items` in at most `parts` runs of consecutive items, in order."""
+    parts = max(1, min(parts, len(items)))
+    size = -(-len(items) // parts)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _fast_piece(
+    pa: np.ndarray, pb: np.ndarray, piece: tuple[slice, ...], tol: Tolerance, layer_axis: Optional[int],
+    origin: tuple[int, ...], cast: Optional[np.dtype], work_dtype: Any, figures: _Figures,
+) -> bool:
+    """One stored-order piece: fold its figures, or False when some element is not strictly
+    within its allowance (or not finite): the block then goes through `compare_block`.
+
+    The arithmetic is the kernel's, in the same dtype and order, so every figure is equal:
+    d = |a - b|, allowance = rtol * |b| + atol, headroom = d / allowance, rel = d / |b|.
+    """
+    shape, n = pa.shape, pa.size
+    if cast is not None:
+        pa, pb = pa.astype(cast), pb.astype(cast)
+    x = pa if pa.dtype == work_dtype else _into(0, pa, work_dtype)
+    y = pb if pb.dtype == work_dtype else _into(1, pb, work_dtype)
+    d = np.subtract(x, y, out=_scratch_at(2, n, work_dtype).reshape(shape))
+    np.abs(d, out=d)
+    ay = np.abs(y, out=_scratch_at(3, n, work_dtype).reshape(shape))
+    ratio = np.multiply(ay, tol.rtol, out=_scratch_at(4, n, work_dtype).reshape(shape))
+    ratio += tol.atol
+    np.divide(d, ratio, out=ratio)
+    if layer_axis is None:
+        head = ratio.max()
+        if not head < 1.0:  # NaN, inf, a failure or exactly at the allowance: the kernel decides
+            return False
+        figures.max_abs = max(figures.max_abs, float(d.max()))
+        rel = np.fmax.reduce(np.divide(d, ay, out=ay), axis=None)
+    else:
+        others = tuple(i for i in range(len(shape)) if i != layer_axis)
+        per_head = np.maximum.reduce(ratio, axis=others)  # NaN propagates: the check below fails
+        head = per_head.max()
+        if not head < 1.0:
+            return False
+        per_abs = np.maximum.reduce(d, axis=others)
+        per_rel = np.fmax.reduce(np.divide(d, ay, out=ay), axis=others)
+        lo = piece[layer_axis].start if layer_axis < len(piece) else 0
+        hi = lo + shape[layer_axis]
+        np.maximum(figures.layer_abs[lo:hi], per_abs, out=figures.layer_abs[lo:hi])
+        np.fmax(figures.layer_rel[lo:hi], per_rel, out=figures.layer_rel[lo:hi])  # 0/0 (NaN) ignored
+        np.maximum(figures.layer_head[lo:hi], per_head, out=figures.layer_head[lo:hi])
+        figures.max_abs = max(figures.max_abs, float(per_abs.max()))
+        rel = np.fmax.reduce(per_rel, axis=None)
+    if not math.isnan(rel):
+        figures.max_rel = max(figures.max_rel, float(rel))
+    head = float(head)
+    if head > 0 and head >= figures.headroom:
+        figures.take_headroom(head, _earliest(np.flatnonzero(ratio.reshape(-1) == head), shape, piece, origin, layer_axis))
+    return True
+
+
+def _earliest(flat: np.ndarray, shape: tuple[int, ...], piece: tuple[slice, ...], origin: tuple[int, ...], layer_axis: Optional[int]) -> tuple[int, ...]:
+    """Of stored-order flat indices in a piece, the one first in canonical (layer first) C
+    order, as a canonical index in the whole leaf."""
+    coords = list(np.unravel_index(flat, shape))
+    for i, s in enumerate(piece):
+        coords[i] = coords[i] + s.start
+    if layer_axis is not None:
+        coords.insert(0, coords.pop(layer_axis))
+    j = int(np.lexsort(coords[::-1])[0]) if len(flat) > 1 else 0
+    return tuple(int(o + c[j]) for o, c in zip(origin, coords))
+
+
+def _into(slot: int, x: np.ndarray, dtype: Any) -> np.ndarray:
+    """`x.astype(dtype)` into a per-thread buffer instead of a fresh array."""
+    out = _scratch_at(slot, x.size, dtype).reshape(x.shape)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 _executor: Any = None
 
 
@@ -282,7 +471,7 @@ def _pool() -> Any:
     if _executor is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _executor = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), thread_name_prefix="ckptparity-compare")
+        _executor = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="ckptparity-compare")
     return _executor
 
 
@@ -398,12 +587,18 @@ _local = threading.local()
 def _scratch(n: int, dtype: np.dtype) -> np.ndarray:
     """A per-thread buffer of `n` elements, reused across pieces: a fresh 512 KiB array per
     piece would be a fresh mapping (and its page faults) every time."""
+    return _scratch_at(-1, n, dtype)
+
+
+def _scratch_at(slot: int, n: int, dtype: Any) -> np.ndarray:
+    """Per-thread buffer number `slot` (several are used at once) of `n` elements."""
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}
-    buf = buffers.get(np.dtype(dtype))
+    key = (slot, np.dtype(dtype))
+    buf = buffers.get(key)
     if buf is None or buf.size < n:
-        buf = buffers[np.dtype(dtype)] = np.empty(max(n, PIECE_ELEMENTS), dtype)
+        buf = buffers[key] = np.empty(max(n, PIECE_ELEMENTS), dtype)
     return buf[:n]
 
 
@@ -454,6 +649,117 @@ class _Job:
     blocks: list[tuple[slice, ...]]
     acc: _Accumulator = field(default_factory=_Accumulator)
     stored: Optional["_StoredPair"] = None  # both sides store the leaf alike: bytes first
+    as_stored: bool = False  # both sides one array, layers (if any) on the same stored axis: read as stored
+
+
+def _read_as_stored(la: LogicalLeaf, lb: LogicalLeaf) -> bool:
+    """Whether both sides can be read in their stored axis order and compared so: each is one
+    array (plain, or a stack) and stacks keep their layers on the same axis."""
+    sa, sb = la.storage, lb.storage
+    return bool(sa.raw and sb.raw and not sa.per_layer and not sb.per_layer and sa.axis == sb.axis
+                and (la.layers is None) == (lb.layers is None) and (la.layers is None or sa.axis is not None))
+
+
+def _stored_block(leaf: LogicalLeaf, block: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A canonical block (layer first) as an index into the stored array."""
+    axis = leaf.storage.axis
+    if leaf.layers is None or axis is None or not block:
+        return block
+    rest = block[1:]
+    return rest[:axis] + (block[0],) + rest[axis:]
+
+
+def _start_reads(va: NormalizedView, vb: NormalizedView, job: _Job, block: tuple[slice, ...]) -> tuple[Any, Any]:
+    """Start reading a block on both sides: as stored when `job.as_stored` (no layer-first
+    view), else through the views (canonical order, a list for per-layer arrays). A slab
+    that cuts stored chunks is read one chunk's part at a time (see `_read_in_parts`)."""
+    if job.as_stored:
+        if _cuts_chunks(job, block):
+            a = _read_in_parts(va, job.la, block)
+            return a, _read_in_parts(vb, job.lb, block, after=a)
+        return (va.checkpoint.read(job.la.storage.raw, _stored_block(job.la, block)),
+                vb.checkpoint.read(job.lb.storage.raw, _stored_block(job.lb, block)))
+    return va.read(job.la, block), vb.read(job.lb, block)
+
+
+def _chunk_extents(leaf: LogicalLeaf, ndim: int) -> Optional[tuple[int, ...]]:
+    c = leaf.chunk_shape
+    if c is None or len(c) != ndim:
+        return None
+    return tuple(max(1, min(ci, d)) for ci, d in zip(c, leaf.shape))
+
+
+def _cuts_chunks(job: _Job, block: tuple[slice, ...]) -> bool:
+    """Whether the block cuts a stored chunk of either side (a slab: see `_plan_blocks`)."""
+    for leaf in (job.la, job.lb):
+        grid = _chunk_extents(leaf, len(block))
+        if grid is None:
+            continue
+        for s, c, d in zip(block, grid, leaf.shape):
+            if s.start % c or (s.stop % c and s.stop != d):
+                return True
+    return False
+
+
+def _chunk_parts(block: tuple[slice, ...], grid: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """The block cut along the stored chunk edges: each part lies in one chunk, in C order."""
+    ranges = []
+    for s, c in zip(block, grid):
+        edges = [s.start] + list(range((s.start // c + 1) * c, s.stop, c)) + [s.stop]
+        ranges.append([slice(lo, hi) for lo, hi in zip(edges, edges[1:])])
+    return [tuple(p) for p in itertools.product(*ranges)]
+
+
+def _read_in_parts(view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ...], after: Any = None) -> Any:
+    """Read a slab of one stored array one chunk's part at a time, into one array as stored.
+
+    tensorstore decodes every chunk a read touches whole, all at once: a slab that cuts four
+    chunks of a side would hold those four decoded (and their stored bytes) together. Here
+    the next part's read starts only once the previous one is done, so a side holds one
+    decoded chunk at a time besides the slab; the chunks decoded are the same. With `after`
+    (the other side's slab), this side starts only once that one is read, so the two sides'
+    chunks are not decoded at the same time either.
+    """
+    grid = _chunk_extents(leaf, len(block))
+    parts = _chunk_parts(block, grid) if grid is not None else [block]
+    raw = leaf.storage.raw
+    shape = tuple(s.stop - s.start for s in _stored_block(leaf, block))
+    first = view.checkpoint.read(raw, _stored_block(leaf, parts[0])) if after is None else None
+
+    def get() -> Any:
+        if after is not None:
+            after.result()
+        pending = first or view.checkpoint.read(raw, _stored_block(leaf, parts[0]))
+        out = None
+        for k, part in enumerate(parts):
+            data = pending.result()
+            if len(parts) == 1:
+                return data
+            if k + 1 < len(parts):
+                pending = view.checkpoint.read(raw, _stored_block(leaf, parts[k + 1]))
+            if out is None:
+                out = np.empty(shape, data.dtype)
+            relative = tuple(slice(p.start - b.start, p.stop - b.start) for p, b in zip(part, block))
+            out[_stored_block(leaf, relative)] = data
+            del data
+        return out
+
+    return _Once(get, math.prod(shape) * _itemsize(leaf.dtype))
+
+
+class _Once:
+    """A pending read computed once and kept: the other side's chained read and the
+    comparison both ask for it."""
+
+    __slots__ = ("_get", "_value", "nbytes")
+
+    def __init__(self, get: Any, nbytes: int) -> None:
+        self._get, self._value, self.nbytes = get, None, nbytes
+
+    def result(self) -> Any:
+        if self._value is None:
+            self._value = self._get()
+        return self._value
 
 
 def chunk_alignment(la: LogicalLeaf, lb: LogicalLeaf) -> tuple[int, ...]:
@@ -752,6 +1058,7 @@ def diff_views(
         blocks, _, _ = _plan_blocks(extent, la, lb, itemsize, opts.read_budget)
         job = _Job(path, la, lb, tol, cast_to, layer_range, notes, blocks)
         job.stored = _stored_pair(va, vb, job, opts)
+        job.as_stored = _read_as_stored(la, lb)
         jobs.append((pos, job))
 
     for pos, result in _run_jobs(va, vb, jobs, opts):
@@ -798,7 +1105,7 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
             if job.stored is not None:
                 reads: Any = job.stored.start(va, vb, block)
             else:
-                reads = (va.read(job.la, block), vb.read(job.lb, block))
+                reads = _start_reads(va, vb, job, block)
             inflight.append((pos, job, i, cost, reads))
             held += cost
             nxt += 1
@@ -891,7 +1198,7 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
         else:
             differing.append(part)
     for part in differing:
-        pa, pb = va.read(job.la, part), vb.read(job.lb, part)
+        pa, pb = _start_reads(va, vb, job, part)
         a, b = pa.result(), pb.result()
         job.acc.bytes_read += pa.nbytes + pb.nbytes
         _compare_values(job, a, b, part, opts)
@@ -901,16 +1208,17 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
 def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
     """Memory a block's read holds at its peak: the block itself, both sides, plus every
     stored chunk it touches, decoded whole by tensorstore before the block's part is copied
-    out. A slab that cuts the other side's chunks thus counts those chunks in full."""
+    out. A slab read one chunk's part at a time (`_read_in_parts`) holds one chunk a side."""
     n = math.prod(s.stop - s.start for s in block)
     total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+    in_parts = job.as_stored and _cuts_chunks(job, block)
     for leaf in (job.la, job.lb):
         c = leaf.chunk_shape
         if c is not None and len(c) == len(block):
             touched = 1
             for s, ci, d in zip(block, c, leaf.shape):
                 ci = max(1, min(ci, d))
-                touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
+                touched *= ci if in_parts else min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
             total += touched * _itemsize(leaf.dtype)
     return total
 
@@ -930,6 +1238,9 @@ def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: C
         for i in range(block[0].stop - block[0].start):
             ai, bi = np.asarray(a[i]), np.asarray(b[i])
             compare_block(ai[np.newaxis], bi[np.newaxis], job.tol, opts.equal_nan, job.acc, (origin[0] + i, *origin[1:]), layered, cast)
+        return
+    if job.as_stored:
+        compare_stored_block(a, b, job.tol, opts.equal_nan, job.acc, origin, job.la.storage.axis if layered else None, cast)
         return
     compare_block(a, b, job.tol, opts.equal_nan, job.acc, origin, layered, cast)
 
