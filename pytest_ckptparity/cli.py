@@ -290,10 +290,27 @@ def run_demo(argv: Sequence[str]) -> int:
     print(render(ok, color=color))
     print(f"\n2) The same Linen checkpoint vs an NNX one with one weight drifted in layer 1:\n   ckptparity {paths['linen']} {paths['nnx_drift']}")
     bad = compare_checkpoints(paths["linen"], paths["nnx_drift"], names=("linen", "nnx_drift"))
-    print(render(bad, color=color))
+    print(render(bad, color=color, layer_strips=True))
     expected = ok.passed and not bad.passed
+    _demo_page(Path(root) / "drift-report.html", [ok, bad])
     print("\nDemo finished: the first comparison passed and the second failed, as expected." if expected else "\nDemo did not behave as expected.")
     return EXIT_PARITY if expected else EXIT_MISMATCH
+
+
+def _demo_page(path: Path, reports: list[Any]) -> None:
+    """The demo's two comparisons as the HTML page `--html` writes, when plotly is there."""
+    from pytest_ckptparity.report import comparison_record
+
+    try:
+        import plotly  # noqa: F401 - optional: the page needs it, the demo does not
+    except ImportError:
+        print("\n(Install pytest-ckptparity[html] and run the demo again to get the HTML drift report too.)")
+        return
+    from pytest_ckptparity.drift_page import write_page
+    from pytest_ckptparity.report import json_document
+
+    write_page(json_document([comparison_record(r) for r in reports], tool="ckptparity demo"), str(path))
+    print(f"\n3) Both comparisons as one HTML page (heatmap of headroom by layer, worst leaves, mismatch table):\n   {path}")
 
 
 def run_fingerprint(argv: Sequence[str]) -> int:

@@ -167,3 +167,19 @@ def test_progress_runs_give_the_same_report(demo_ckpts):
     assert [r.to_dict() | {"bytes_read": 0} for r in parted.results] == [r.to_dict() | {"bytes_read": 0} for r in whole.results]
     assert parted.ignored == whole.ignored and parted.notes == whole.notes and parted.bytes_read == whole.bytes_read
     assert "comparing" in shown.getvalue()
+
+
+def test_the_readme_demo_shows_a_pass_a_failure_its_layer_strip_and_the_page(tmp_path):
+    """`ckptparity demo` is the README's first command: it must keep showing what it says."""
+    proc = cli("demo", "--dir", str(tmp_path), "--color", "no")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "checkpoint parity: 39 leaves match (linen vs nnx)" in out
+    assert "checkpoint parity failed: 2 of 39 leaves differ" in out
+    assert "params/decoder/layers/mlp/wi_0/kernel [layer 1]" in out and "index (3, 5)" in out
+    assert re.search(r"params/decoder/layers/mlp/wi_0/kernel\s+\|\.#\|\s+layers 0-1; worst layer 1", out), out
+    page = tmp_path / "drift-report.html"
+    assert "3) Both comparisons as one HTML page" in out and str(page) in out
+    html = page.read_text()
+    assert "nnx_drift" in html and "Plotly" in html and "params/decoder/layers/mlp/wi_0/kernel" in html
+    assert out.rstrip().endswith("the first comparison passed and the second failed, as expected.")
