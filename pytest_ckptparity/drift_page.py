@@ -279,8 +279,14 @@ def heatmap_figure(grid: dict[str, dict[int, tuple[float, float, float]]], title
     ))
     fig.update_layout(
         title={"text": _e(title)}, plot_bgcolor=IDENTICAL_COLOR, height=max(260, 80 + 22 * len(paths)),
-        margin={"l": 10, "r": 10, "t": 50, "b": 40}, xaxis={"title": {"text": "layer"}, "dtick": 1 if n_layers <= 40 else None, "showgrid": False, "zeroline": False},
-        yaxis={"automargin": True, "autorange": "reversed", "showgrid": False, "zeroline": False},
+        margin={"l": 10, "r": 10, "t": 50, "b": 40},
+        # Axes spelled out: when every layer is identical every cell is a gap, and plotly would
+        # otherwise infer neither the rows nor the layers from the data.
+        xaxis={"title": {"text": "layer"}, "dtick": 1 if n_layers <= 40 else None, "showgrid": False, "zeroline": False,
+               "range": [-0.5, n_layers - 0.5]},
+        yaxis={"automargin": True, "showgrid": False, "zeroline": False,
+               "type": "category", "categoryorder": "array", "categoryarray": [_e(p) for p in paths],
+               "tickmode": "array", "tickvals": [_e(p) for p in paths], "range": [len(paths) - 0.5, -0.5]},
     )
     return fig
 

@@ -428,3 +428,21 @@ def test_pytest_over_steps_draws_the_step_figures(pytester, drift_runs, xdist):
     (heat,) = figure_data(page, "heatmap-0")
     assert all(len(r) == 4 for r in heat["z"]) and heat["z"][heat["y"].index(WO)][2] > 0
     assert "ckpt-parity::step_2/" in own  # the mismatch table names the item of each step
+
+
+def test_an_identical_pair_shows_every_row_and_layer_in_chromium(chromium, demo_ckpts, tmp_path):
+    """Every cell of an identical pair is a gap: plotly must still label each row and layer
+    (it infers neither from gaps alone), or the grey map says nothing about what was compared."""
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import comparison_record, json_document
+
+    record = comparison_record(compare_checkpoints(demo_ckpts["linen"], demo_ckpts["nnx"], names=("linen", "nnx")))
+    page = tmp_path / "same.html"
+    dp.write_page(json_document([record], tool="pytest"), str(page))
+    chromium.open(page)
+    chromium.wait_for("document.querySelectorAll('.js-plotly-plot').length === 1 && document.getElementById('heatmap-0')._fullData")
+    rows = chromium.evaluate("Array.from(document.querySelectorAll('#heatmap-0 .yaxislayer-above .ytick text')).map(t => t.textContent)")
+    layers = chromium.evaluate("Array.from(document.querySelectorAll('#heatmap-0 .xaxislayer-above .xtick text')).map(t => t.textContent)")
+    assert len(rows) == 27 and WI0 in rows
+    assert layers == ["0", "1"]
+    assert chromium.errors == []
