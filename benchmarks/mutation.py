@@ -57,11 +57,15 @@ FUNCTIONS = {
         "x__is_decode", "x__resolve_layout", "x__apply_renames", "xǁNormalizedViewǁread", "xǁTreeFactsǁ*",
         "x_strip_wrappers", "x__is_older_nnx", "x__is_nnx",
     ],
-    "diff": [
-        "x__kind", "x_resolve_tolerance", "x_lower_precision", "x__pieces", "x__bitwise_equal", "x_compare_block",
+    "kernel": [
+        "x__kind", "x_lower_precision", "x__pieces", "x__bitwise_equal", "x_compare_block",
         "x__exact_piece", "x__tolerant_piece", "x__fold_max_rel", "x__record_mismatches", "xǁ_Accumulatorǁ*",
-        "x_chunk_alignment", "x__blocks", "x__counter", "x__structural", "x_scoped_paths", "x_diff_views",
-        "x__run_jobs", "x__block_bytes", "x__compare_values", "x__finish",
+    ],
+    "read_plan": [
+        "x_chunk_alignment", "x__blocks", "x__run_jobs", "x__block_bytes", "x__compare_values", "x__finish",
+    ],
+    "diff": [
+        "x_resolve_tolerance", "x__counter", "x__structural", "x_scoped_paths", "x_diff_views",
         "x__layout_differs", "x_groups_left_out",
     ],
     "sources": [
@@ -91,9 +95,9 @@ SLIPS = [
      "RNG state stacked on the weights' axis", ["tests/test_layer_stacks.py"]),
     ("report.py", '            key = (pair, leaf["path"])\n', '            key = (pair, leaf["path"], str(leaf.get("layer_range")))\n',
      "the summary counts rows, not distinct leaves", ["tests/test_summary_counts.py"]),
-    ("diff.py", "        first = s.start - s.start % b", "        first = s.start - s.start % b + b",
+    ("read_plan.py", "        first = s.start - s.start % b", "        first = s.start - s.start % b + b",
      "block reads skip the first block of a split axis", ["tests/test_tolerance_and_blocks.py"]),
-    ("diff.py", "min(x + b, s.stop)) for x in range(first, s.stop, b)]", "min(x + b, s.stop - 1)) for x in range(first, s.stop, b)]",
+    ("read_plan.py", "min(x + b, s.stop)) for x in range(first, s.stop, b)]", "min(x + b, s.stop - 1)) for x in range(first, s.stop, b)]",
      "block reads stop one element short", ["tests/test_tolerance_and_blocks.py"]),
     ("diff.py", 'base = DEFAULT_TOLERANCES["float64" if component >= 8 else "float32"]', 'base = DEFAULT_TOLERANCES["float64"]',
      "complex64 gets float64's tolerance", ["tests/test_tolerance_and_blocks.py"]),
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("all", "slips", "mutmut", "verify"), default="all")
     ap.add_argument("--names", default="", help="verify: comma-separated mutant names (default: every survivor)")
-    ap.add_argument("--modules", default="normalize,diff,sources", help="comma-separated modules of pytest_ckptparity")
+    ap.add_argument("--modules", default="normalize,kernel,read_plan,diff,sources", help="comma-separated modules of pytest_ckptparity")
     ap.add_argument("--sample", type=int, default=160, help="mutants to check (0: all of the listed functions)")
     ap.add_argument("--seed", type=int, default=16)
     ap.add_argument("--budget-min", type=float, default=35.0, help="wall-time budget of the mutmut part")

@@ -15,11 +15,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from pytest_ckptparity._model import ParityReport
 from pytest_ckptparity._paths import glob_match
-from pytest_ckptparity.diff import (
-    DEFAULT_READ_BUDGET, DTYPE_POLICIES, CompareOptions, Selection, chunk_alignment, diff_views, scoped_paths,
-)
+from pytest_ckptparity.diff import DEFAULT_READ_BUDGET, DTYPE_POLICIES, CompareOptions, Selection, diff_views, scoped_paths
 from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
 from pytest_ckptparity.normalize import Layout, NormalizedView, normalize
+from pytest_ckptparity.read_plan import chunk_alignment
 from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
 from pytest_ckptparity.sources import Checkpoint, manager_steps, open_checkpoint
 from pytest_ckptparity.trajectory import ALL, COMMON, TrajectoryReport, describe_spec, missing_sentence, parse_steps, plan_steps, render_trajectory

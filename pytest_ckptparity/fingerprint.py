@@ -37,10 +37,8 @@ import numpy as np
 
 from pytest_ckptparity._model import ArrayInfo
 from pytest_ckptparity._paths import KeyPath, in_scope
-from pytest_ckptparity.diff import (
-    BLOCK_SHARE, DEFAULT_READ_BUDGET, PIECE_ELEMENTS, _blocks, _itemsize, _pieces, _pool,
-    chunk_alignment,
-)
+from pytest_ckptparity.kernel import PIECE_ELEMENTS, _itemsize, _pieces, _pool
+from pytest_ckptparity.read_plan import BLOCK_SHARE, DEFAULT_READ_BUDGET, _blocks, chunk_alignment
 from pytest_ckptparity.errors import CkptParityUsageError
 from pytest_ckptparity.normalize import Layout, LogicalLeaf, NormalizedView, Storage
 from pytest_ckptparity.sources import Checkpoint, Pending

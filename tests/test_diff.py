@@ -8,6 +8,7 @@ import pytest
 
 from pytest_ckptparity import CkptParityError, CkptParityUsageError, assert_ckpt_parity, compare_checkpoints
 from pytest_ckptparity import diff as diff_mod
+from pytest_ckptparity import kernel as kernel_mod
 from pytest_ckptparity._paths import glob_match
 
 
@@ -128,7 +129,7 @@ def test_include_exclude_and_structure_only():
 
 
 def test_blockwise_kernel_merges_pieces(monkeypatch):
-    monkeypatch.setattr(diff_mod, "PIECE_ELEMENTS", 7)
+    monkeypatch.setattr(kernel_mod, "PIECE_ELEMENTS", 7)
     a = np.zeros((6, 5, 4), np.float32)
     b = a.copy()
     b[4, 3, 2] = 5.0

@@ -130,7 +130,7 @@ SPECIALS = [0.0, 0.5, 2.0, np.nan, np.inf, -np.inf]  # 0.5 / 2.0: that many time
        piece=st.integers(1, 8))
 def test_kernel_agrees_with_the_rules_written_out(shape, seed, dtype, equal_nan, piece):
     """Random NaN, inf and offsets well inside or outside the tolerance, cut in tiny pieces."""
-    from pytest_ckptparity import diff as diff_mod
+    from pytest_ckptparity import kernel as kernel_mod
 
     rng = np.random.default_rng(seed)
     atol, rtol = 1e-2, 1e-2
@@ -148,7 +148,7 @@ def test_kernel_agrees_with_the_rules_written_out(shape, seed, dtype, equal_nan,
     a, b = a.astype(dtype), b.astype(dtype)
     expected = _reference_mismatches(a, b, atol, rtol, equal_nan)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(diff_mod, "PIECE_ELEMENTS", piece)
+        mp.setattr(kernel_mod, "PIECE_ELEMENTS", piece)
         report = compare_checkpoints({"x": a}, {"x": b}, atol=atol, rtol=rtol, equal_nan=equal_nan)
     stats = report.results[0].stats
     assert stats.n_mismatch == len(expected)

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from pytest_ckptparity import Comparison
 from pytest_ckptparity import diff as diff_mod
+from pytest_ckptparity import kernel as kernel_mod
+from pytest_ckptparity import read_plan as plan_mod
 from pytest_ckptparity import examples as ex
 from pytest_ckptparity._model import Tolerance
 from pytest_ckptparity.diff import CompareOptions
@@ -57,10 +59,10 @@ def test_stored_order_figures_equal_the_layer_first_kernel(pair, piece, equal_na
     move = (lambda x: np.moveaxis(x, axis, 0)) if axis is not None else (lambda x: x)
     origin = tuple(origin_shift * (i + 1) for i in range(a.ndim))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(diff_mod, "PIECE_ELEMENTS", piece)
-        expected, got = diff_mod._Accumulator(), diff_mod._Accumulator()
-        diff_mod.compare_block(move(a), move(b), tol, equal_nan, expected, origin, axis is not None, cast)
-        diff_mod.compare_stored_block(a, b, tol, equal_nan, got, origin, axis, cast)
+        mp.setattr(kernel_mod, "PIECE_ELEMENTS", piece)
+        expected, got = kernel_mod._Accumulator(), kernel_mod._Accumulator()
+        kernel_mod.compare_block(move(a), move(b), tol, equal_nan, expected, origin, axis is not None, cast)
+        kernel_mod.compare_stored_block(a, b, tol, equal_nan, got, origin, axis, cast)
     assert _without_zero_layers(got.stats()) == _without_zero_layers(expected.stats())
 
 
@@ -80,8 +82,8 @@ def test_a_block_with_a_mismatch_is_compared_again_layer_first():
     a = rng.standard_normal((6, 3, 10)).astype(np.float32)  # stored (emb, layers, mlp)
     b = a.copy()
     b[4, 2, 7] += 1.0
-    acc = diff_mod._Accumulator()
-    diff_mod.compare_stored_block(a, b, Tolerance(atol=1e-5, rtol=1e-5), True, acc, (0, 0, 0), 1)
+    acc = kernel_mod._Accumulator()
+    kernel_mod.compare_stored_block(a, b, Tolerance(atol=1e-5, rtol=1e-5), True, acc, (0, 0, 0), 1)
     stats = acc.stats()
     assert stats.n_mismatch == 1 and stats.n_total == a.size
     assert stats.worst_index == (2, 4, 7) and stats.first_indices == ((2, 4, 7),)
@@ -105,8 +107,8 @@ def test_reading_as_stored_gives_the_report_of_the_layer_first_reading(tmp_path,
     a, b = _write_pair(tmp_path, noise)
     options = CompareOptions(stored_bytes=False)  # every chunk decoded
     calls = []
-    real = diff_mod.compare_stored_block
-    monkeypatch.setattr(diff_mod, "compare_stored_block", lambda *x, **y: calls.append(x[6]) or real(*x, **y))
+    real = plan_mod.compare_stored_block
+    monkeypatch.setattr(plan_mod, "compare_stored_block", lambda *x, **y: calls.append(x[6]) or real(*x, **y))
     as_stored = Comparison(a, b, options=options).run()
     assert 1 in calls  # the stacks went through the stored-order path, layer axis 1
     monkeypatch.setattr(diff_mod, "_read_as_stored", lambda la, lb: False)
@@ -207,12 +209,12 @@ def test_slab_reads_hold_one_chunk_a_side_in_the_budget():
 
     la = LogicalLeaf("w", "params", (64, 48), "float32", Storage(raw=("w",)), chunk_shape=(8, 48))
     lb = LogicalLeaf("w", "params", (64, 48), "float32", Storage(raw=("w",)), chunk_shape=(64, 6))
-    job = diff_mod._Job("w", la, lb, Tolerance(1e-5, 1e-5), None, None, (), [], as_stored=True)
+    job = plan_mod._Job("w", la, lb, Tolerance(1e-5, 1e-5), None, None, (), [], as_stored=True)
     slab = (slice(8, 16), slice(0, 48))
-    assert diff_mod._cuts_chunks(job, slab)
-    assert diff_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 6) * 4
+    assert plan_mod._cuts_chunks(job, slab)
+    assert plan_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 6) * 4
     job.as_stored = False  # read through the views: every chunk the slab touches, at once
-    assert diff_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 48) * 4
+    assert plan_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 48) * 4
 
 
 def test_a_layer_range_read_as_stored_reports_those_layers(tmp_path, monkeypatch):

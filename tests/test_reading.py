@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pytest_ckptparity import Comparison, compare_checkpoints
-from pytest_ckptparity import diff as diff_mod
+from pytest_ckptparity import read_plan as plan_mod
 from pytest_ckptparity import examples as ex
 from pytest_ckptparity.diff import CompareOptions
 from pytest_ckptparity.normalize import NormalizedView
@@ -74,7 +74,7 @@ def planned_decodes(comparison: Comparison) -> tuple[int, int]:
         if la.shape == ():  # a scalar: one chunk a side, no chunk grid in its metadata
             planned, stored = planned + 2, stored + 2
         elif la.dtype != "str":
-            _, p, s = diff_mod._plan_blocks([slice(0, d) for d in la.shape], la, lb, itemsize, comparison.options.read_budget)
+            _, p, s = plan_mod._plan_blocks([slice(0, d) for d in la.shape], la, lb, itemsize, comparison.options.read_budget)
             planned, stored = planned + p, stored + s
     return planned, stored
 
@@ -238,7 +238,7 @@ def test_grids_on_different_axes_read_in_budget_sized_slabs(meshes, monkeypatch)
     (w,) = report.results
     assert w.stats.n_total == 64 * 48  # every element compared
     assert w.bytes_read == 2 * 64 * 48 * 4  # and read once as values, in several slabs
-    assert len(log.sizes) > 2 and max(log.sizes) <= max(budget // diff_mod.BLOCK_SHARE, chunk)
+    assert len(log.sizes) > 2 and max(log.sizes) <= max(budget // plan_mod.BLOCK_SHARE, chunk)
     # Memory wins: slabs of A's row chunks (8 x 48, the largest chunk), so each of A's 8
     # chunks is decoded once and each of B's 8 column chunks once per slab: 8 + 8 * 8.
     assert stored == 16 and chunk_decodes() - before == planned == 72

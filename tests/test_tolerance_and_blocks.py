@@ -8,6 +8,7 @@ import pytest
 
 from pytest_ckptparity import CkptParityError, assert_ckpt_parity, compare_checkpoints
 from pytest_ckptparity import diff as diff_mod
+from pytest_ckptparity import read_plan as plan_mod
 from pytest_ckptparity import examples as ex
 
 
@@ -99,7 +100,7 @@ def test_tiny_budget_blocks_find_the_first_and_the_last_element(shape):
     a = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) / 7
     b = _plant_corners(a)
     budget = 8 * 128  # blocks of 128 bytes per side: 32 float32 elements
-    blocks = diff_mod._blocks([slice(0, d) for d in shape], (1,) * len(shape), 4, budget // diff_mod.BLOCK_SHARE)
+    blocks = plan_mod._blocks([slice(0, d) for d in shape], (1,) * len(shape), 4, budget // plan_mod.BLOCK_SHARE)
     assert len(blocks) > 2  # the leaf really is split
     report = compare_checkpoints({"x": a}, {"x": b}, read_budget=budget)
     (bad,) = report.mismatches

@@ -1,0 +1,470 @@
+"""The read plan: which blocks of a leaf to read, in what order, under what byte budget,
+and the driver that reads them ahead while earlier ones are compared.
+
+Every leaf is read in blocks aligned to the stored chunks of both sides (so each chunk is
+decoded once), of at most `read_budget / BLOCK_SHARE` bytes per side unless the common
+aligned block is larger: that is read alone while it fits in the budget, else in slabs of
+the block share or one chunk (some chunks are then decoded more than once). Reads of the
+next blocks are issued while the current one is compared (readahead) as long as all decoded
+blocks held, the compared one included, fit in `read_budget`. So memory follows the budget or
+the largest chunk, never the checkpoint or the two sides' topologies.
+
+Stored bytes: a leaf both sides store alike (dtype, chunk grid, codecs) is read as stored
+chunk bytes first; equal bytes are equal values, and only chunks whose bytes differ are
+decoded and compared as values.
+
+Stored order: when both sides hold a leaf as one array (a stack with its layers on the same
+axis), blocks are read and compared in that stored axis order (contiguous, no layer-first
+view); per-layer figures and indices are computed in canonical (layer first) terms. A slab
+that cuts stored chunks is read one chunk's part at a time, one side after the other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from pytest_ckptparity._model import VALUES, LeafResult, Tolerance
+from pytest_ckptparity.kernel import (
+    _Accumulator, _itemsize, _kind, _np_dtype, compare_block, compare_stored_block,
+)
+from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
+
+if TYPE_CHECKING:  # the options are the verdict module's; only their fields are read here
+    from pytest_ckptparity.diff import CompareOptions
+
+DEFAULT_READ_BUDGET = 256 << 20  # decoded bytes held at once, both sides, compared block included
+BLOCK_SHARE = 8  # a block (one side) takes at most budget / BLOCK_SHARE: several in flight
+
+
+# --------------------------------------------------------------------------------------
+# Planning: which leaves, which blocks
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    path: str
+    la: LogicalLeaf
+    lb: LogicalLeaf
+    tol: Tolerance
+    cast_to: Optional[str]
+    layer_range: Optional[tuple[int, int]]
+    notes: tuple[str, ...]
+    blocks: list[tuple[slice, ...]]
+    acc: _Accumulator = field(default_factory=_Accumulator)
+    stored: Optional["_StoredPair"] = None  # both sides store the leaf alike: bytes first
+    as_stored: bool = False  # both sides one array, layers (if any) on the same stored axis: read as stored
+
+
+def _read_as_stored(la: LogicalLeaf, lb: LogicalLeaf) -> bool:
+    """Whether both sides can be read in their stored axis order and compared so: each is one
+    array (plain, or a stack) and stacks keep their layers on the same axis."""
+    sa, sb = la.storage, lb.storage
+    return bool(sa.raw and sb.raw and not sa.per_layer and not sb.per_layer and sa.axis == sb.axis
+                and (la.layers is None) == (lb.layers is None) and (la.layers is None or sa.axis is not None))
+
+
+def _stored_block(leaf: LogicalLeaf, block: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A canonical block (layer first) as an index into the stored array."""
+    axis = leaf.storage.axis
+    if leaf.layers is None or axis is None or not block:
+        return block
+    rest = block[1:]
+    return rest[:axis] + (block[0],) + rest[axis:]
+
+
+def _start_reads(va: NormalizedView, vb: NormalizedView, job: _Job, block: tuple[slice, ...]) -> tuple[Any, Any]:
+    """Start reading a block on both sides: as stored when `job.as_stored` (no layer-first
+    view), else through the views (canonical order, a list for per-layer arrays). A slab
+    that cuts stored chunks is read one chunk's part at a time (see `_read_in_parts`)."""
+    if job.as_stored:
+        if _cuts_chunks(job, block):
+            a = _read_in_parts(va, job.la, block)
+            return a, _read_in_parts(vb, job.lb, block, after=a)
+        return (va.checkpoint.read(job.la.storage.raw, _stored_block(job.la, block)),
+                vb.checkpoint.read(job.lb.storage.raw, _stored_block(job.lb, block)))
+    return va.read(job.la, block), vb.read(job.lb, block)
+
+
+def _chunk_extents(leaf: LogicalLeaf, ndim: int) -> Optional[tuple[int, ...]]:
+    c = leaf.chunk_shape
+    if c is None or len(c) != ndim:
+        return None
+    return tuple(max(1, min(ci, d)) for ci, d in zip(c, leaf.shape))
+
+
+def _cuts_chunks(job: _Job, block: tuple[slice, ...]) -> bool:
+    """Whether the block cuts a stored chunk of either side (a slab: see `_plan_blocks`)."""
+    for leaf in (job.la, job.lb):
+        grid = _chunk_extents(leaf, len(block))
+        if grid is None:
+            continue
+        for s, c, d in zip(block, grid, leaf.shape):
+            if s.start % c or (s.stop % c and s.stop != d):
+                return True
+    return False
+
+
+def _chunk_parts(block: tuple[slice, ...], grid: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """The block cut along the stored chunk edges: each part lies in one chunk, in C order."""
+    ranges = []
+    for s, c in zip(block, grid):
+        edges = [s.start] + list(range((s.start // c + 1) * c, s.stop, c)) + [s.stop]
+        ranges.append([slice(lo, hi) for lo, hi in zip(edges, edges[1:])])
+    return [tuple(p) for p in itertools.product(*ranges)]
+
+
+def _read_in_parts(view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ...], after: Any = None) -> Any:
+    """Read a slab of one stored array one chunk's part at a time, into one array as stored.
+
+    tensorstore decodes every chunk a read touches whole, all at once: a slab that cuts four
+    chunks of a side would hold those four decoded (and their stored bytes) together. Here
+    the next part's read starts only once the previous one is done, so a side holds one
+    decoded chunk at a time besides the slab; the chunks decoded are the same. With `after`
+    (the other side's slab), this side starts only once that one is read, so the two sides'
+    chunks are not decoded at the same time either.
+    """
+    grid = _chunk_extents(leaf, len(block))
+    parts = _chunk_parts(block, grid) if grid is not None else [block]
+    raw = leaf.storage.raw
+    shape = tuple(s.stop - s.start for s in _stored_block(leaf, block))
+    first = view.checkpoint.read(raw, _stored_block(leaf, parts[0])) if after is None else None
+
+    def get() -> Any:
+        if after is not None:
+            after.result()
+        pending = first or view.checkpoint.read(raw, _stored_block(leaf, parts[0]))
+        out = None
+        for k, part in enumerate(parts):
+            data = pending.result()
+            if len(parts) == 1:
+                return data
+            if k + 1 < len(parts):
+                pending = view.checkpoint.read(raw, _stored_block(leaf, parts[k + 1]))
+            if out is None:
+                out = np.empty(shape, data.dtype)
+            relative = tuple(slice(p.start - b.start, p.stop - b.start) for p, b in zip(part, block))
+            out[_stored_block(leaf, relative)] = data
+            del data
+        return out
+
+    return _Once(get, math.prod(shape) * _itemsize(leaf.dtype))
+
+
+class _Once:
+    """A pending read computed once and kept: the other side's chained read and the
+    comparison both ask for it."""
+
+    __slots__ = ("_get", "_value", "nbytes")
+
+    def __init__(self, get: Any, nbytes: int) -> None:
+        self._get, self._value, self.nbytes = get, None, nbytes
+
+    def result(self) -> Any:
+        if self._value is None:
+            self._value = self._get()
+        return self._value
+
+
+def chunk_alignment(la: LogicalLeaf, lb: LogicalLeaf) -> tuple[int, ...]:
+    """Per canonical axis, the smallest extent made of whole stored chunks on both sides.
+
+    A block on this grid decodes each stored chunk once; a block that cut a chunk would make
+    the next block decode it again. A leaf without chunks (in memory) aligns to anything.
+    """
+    unit = []
+    for i, d in enumerate(la.shape):
+        u = 1
+        for leaf in (la, lb):
+            c = leaf.chunk_shape
+            if c is not None and i < len(c) and c[i] > 0:
+                u = math.lcm(u, min(c[i], d))
+        unit.append(max(1, min(u, d)))
+    return tuple(unit)
+
+
+def _blocks(extent: Sequence[slice], unit: Sequence[int], itemsize: int, budget: int) -> list[tuple[slice, ...]]:
+    """Chunk-aligned blocks covering `extent` in C order, each at most `budget` bytes unless
+    one aligned unit (a stored chunk) is larger: memory is bounded by the budget or one chunk."""
+    sizes = [s.stop - s.start for s in extent]
+    if not sizes or 0 in sizes:
+        return [tuple(extent)]
+    limit = max(1, budget // max(itemsize, 1))  # elements per block
+    block = [min(u, n) for u, n in zip(unit, sizes)]
+    for i in reversed(range(len(sizes))):  # grow trailing axes first: blocks stay contiguous
+        others = math.prod(block) // block[i]
+        if others * sizes[i] <= limit:
+            block[i] = sizes[i]
+            continue
+        block[i] = max(block[i], (limit // others) // unit[i] * unit[i])
+        break
+    return _grid(extent, block)
+
+
+def _grid(extent: Sequence[slice], block: Sequence[int]) -> list[tuple[slice, ...]]:
+    """Blocks of shape `block` covering `extent` in C order, their edges on the absolute grid
+    (multiples of `block`), so blocks made of whole chunks start on chunk edges."""
+    ranges = []
+    for s, b in zip(extent, block):
+        if b >= s.stop - s.start:
+            ranges.append([s])
+            continue
+        first = s.start - s.start % b
+        ranges.append([slice(max(x, s.start), min(x + b, s.stop)) for x in range(first, s.stop, b)])
+    return [tuple(c) for c in itertools.product(*ranges)]
+
+
+def _chunk_grids(la: LogicalLeaf, lb: LogicalLeaf) -> list[tuple[int, ...]]:
+    """Each stored side's chunk extents in canonical coordinates (sides in memory have none)."""
+    grids = []
+    for leaf in (la, lb):
+        c = leaf.chunk_shape
+        if c is not None and len(c) == len(la.shape):
+            grids.append(tuple(max(1, min(ci, d)) for ci, d in zip(c, la.shape)))
+    return grids
+
+
+def _overlaps(extent: slice, block: int, chunk: int) -> int:
+    """How many (block, stored chunk) pairs overlap along one axis: each is one decode."""
+    starts = np.arange(extent.start - extent.start % block, extent.stop, block)
+    lo, hi = np.maximum(starts, extent.start), np.minimum(starts + block, extent.stop)
+    return int(((hi - 1) // chunk - lo // chunk + 1).sum())
+
+
+def _decodes(extent: Sequence[slice], block: Sequence[int], grids: Sequence[tuple[int, ...]]) -> int:
+    """Chunk decodes needed to read `extent` in blocks of shape `block`, both sides."""
+    return sum(math.prod(_overlaps(s, b, c) for s, b, c in zip(extent, block, grid)) for grid in grids)
+
+
+def _slab_shape(extent: Sequence[slice], unit: Sequence[int], grids: Sequence[tuple[int, ...]], limit: int) -> tuple[int, ...]:
+    """The block shape of at most `limit` elements that decodes the fewest stored chunks.
+
+    Used when the two sides' common aligned block (`unit`) is too large to hold: greedily
+    shrinks one axis at a time to a chunk extent of either side or a fraction of the unit,
+    taking the step that adds the fewest decodes (a chunk cut by a block is decoded once per
+    block that needs it).
+    """
+    sizes = [s.stop - s.start for s in extent]
+    block = [min(u, n) for u, n in zip(unit, sizes)]
+    while math.prod(block) > limit:
+        moves = []  # ((still too large, decodes, -size), axis, extent): the first one wins
+        for i, b in enumerate(block):
+            options = {g[i] for g in grids} | {-(-b // k) for k in range(2, min(b, 16) + 1)} | {1}
+            for e in options:
+                if 0 < e < b:
+                    trial = block[:i] + [e] + block[i + 1:]
+                    size = math.prod(trial)
+                    moves.append(((size > limit, _decodes(extent, trial, grids), -size), i, e))
+        if not moves:
+            break
+        _, axis, e = min(moves)
+        block[axis] = e
+    return tuple(block)
+
+
+def _plan_blocks(extent: Sequence[slice], la: LogicalLeaf, lb: LogicalLeaf, itemsize: int, read_budget: int) -> tuple[list[tuple[slice, ...]], int, int]:
+    """Blocks to read a leaf in, the chunk decodes they cost (both sides) and the chunks stored.
+
+    Blocks are made of whole chunks of both sides (each chunk decoded once) and take at most
+    `read_budget / BLOCK_SHARE` bytes per side, so several are in flight. A common aligned
+    block that is larger is still read whole, alone, while both sides' share fits in the
+    budget. Beyond that (two chunk grids whose common block is most of an array: another
+    mesh, shards on other axes) memory wins: the leaf is read in slabs of at most the block
+    share (or one stored chunk, whichever is larger), decoding some chunks more than once.
+    """
+    unit = tuple(min(u, s.stop - s.start) or 1 for u, s in zip(chunk_alignment(la, lb), extent))
+    block_budget = max(1, read_budget // BLOCK_SHARE)
+    size = max(itemsize, 1)
+    grids = _chunk_grids(la, lb)
+    stored = sum(math.prod(_overlaps(s, c, c) for s, c in zip(extent, g)) for g in grids)
+    if math.prod(unit) * size * 2 <= read_budget or math.prod(unit) * size <= block_budget:
+        return _blocks(extent, unit, itemsize, block_budget), stored, stored
+    largest_chunk = max((math.prod(g) for g in grids), default=1)
+    slab = _slab_shape(extent, unit, grids, max(block_budget // size, largest_chunk, 1))
+    return _grid(extent, slab), _decodes(extent, slab, grids), stored
+
+
+def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job]], opts: CompareOptions) -> Iterator[tuple[int, LeafResult]]:
+    """Read blocks ahead while earlier ones are compared, holding at most `read_budget`
+    decoded bytes (the block being compared included); a block larger than the budget (one
+    big stored chunk) is read alone.
+
+    A leaf both sides store alike (`job.stored`) is read as stored chunk bytes first: equal
+    bytes are equal values, and only the chunks whose bytes differ are decoded. When that
+    finds differences, the rest of the leaf is read as values (a recomputed model differs
+    everywhere, and reading both forms would cost more than decoding); after a few such
+    leaves in a row, later leaves skip the stored bytes too.
+    """
+    work = [(pos, job, i, _block_bytes(job, job.blocks[i])) for pos, job in jobs for i in range(len(job.blocks))]
+    inflight: deque = deque()
+    held = 0
+    nxt = 0
+    misses = 0  # leaves in a row whose stored bytes differed: the model was recomputed
+    while nxt < len(work) or inflight:
+        while nxt < len(work) and (not inflight or held + work[nxt][3] <= opts.read_budget):
+            pos, job, i, cost = work[nxt]
+            block = job.blocks[i]
+            if job.stored is not None and misses >= STORED_MISSES_BEFORE_VALUES and i == 0:
+                job.stored = None
+            if job.stored is not None:
+                reads: Any = job.stored.start(va, vb, block)
+            else:
+                reads = _start_reads(va, vb, job, block)
+            inflight.append((pos, job, i, cost, reads))
+            held += cost
+            nxt += 1
+        pos, job, i, cost, reads = inflight.popleft()
+        if isinstance(reads, tuple):
+            pa, pb = reads
+            a, b = pa.result(), pb.result()
+            job.acc.bytes_read += pa.nbytes + pb.nbytes
+            _compare_values(job, a, b, job.blocks[i], opts)
+            del a, b, pa, pb
+        else:
+            differed = _settle_stored(va, vb, job, reads, opts)
+            if differed and job.stored is not None:
+                job.stored = None  # blocks not yet issued are read as values
+                misses += 1
+            elif not differed:
+                misses = 0
+        del reads
+        held -= cost
+        if i == len(job.blocks) - 1:
+            yield pos, _finish(job)
+
+
+STORED_MISSES_BEFORE_VALUES = 3
+
+
+class _StoredPair:
+    """A leaf both sides store with the same dtype, chunk grid and encoding (plain arrays, or
+    stacks on the same axis): its chunks can be compared as stored bytes."""
+
+    def __init__(self, raw_a: Any, raw_b: Any, layout: Any, axis: Optional[int]) -> None:
+        self.raw_a, self.raw_b, self.layout, self.axis = raw_a, raw_b, layout, axis
+
+    def _stored_index(self, block: tuple[slice, ...]) -> tuple[slice, ...]:
+        if self.axis is None:
+            return block
+        rest = block[1:]
+        return rest[: self.axis] + (block[0],) + rest[self.axis:]
+
+    def _canonical_index(self, stored: tuple[slice, ...]) -> tuple[slice, ...]:
+        if self.axis is None:
+            return stored
+        return (stored[self.axis],) + stored[: self.axis] + stored[self.axis + 1:]
+
+    def start(self, va: NormalizedView, vb: NormalizedView, block: tuple[slice, ...]) -> list[tuple[tuple[slice, ...], Any, Any]]:
+        """Start reading the stored bytes of every chunk the block touches, both sides:
+        (the chunk's part of the block in canonical coordinates, read of A, read of B)."""
+        stored = self._stored_index(block) if block else ()
+        grid = self.layout.grid
+        per_axis = [range(s.start // g, -(-s.stop // g)) for s, g in zip(stored, grid)]
+        out = []
+        for coords in itertools.product(*per_axis):
+            part = tuple(slice(max(s.start, c * g), min(s.stop, (c + 1) * g)) for s, c, g in zip(stored, coords, grid))
+            out.append((self._canonical_index(part), va.checkpoint.stored_chunk(self.raw_a, coords, self.layout),
+                        vb.checkpoint.stored_chunk(self.raw_b, coords, self.layout)))
+        return out
+
+
+def _stored_pair(va: NormalizedView, vb: NormalizedView, job: _Job, opts: CompareOptions) -> Optional[_StoredPair]:
+    """Whether equal stored bytes may settle this leaf: same dtype, no cast, the same storage
+    form on both sides (a plain array, or a stack on the same axis; never a family of
+    per-layer arrays or a leaf in memory) and the same chunk grid and encoding. With
+    `equal_nan=False` a NaN must not equal itself, which equal bytes cannot tell: floats then
+    go through values."""
+    la, lb = job.la, job.lb
+    if not opts.stored_bytes or job.cast_to is not None or la.dtype != lb.dtype or la.shape != lb.shape:
+        return None
+    if not opts.equal_nan and _kind(la.dtype) == "float":
+        return None
+    sa, sb = la.storage, lb.storage
+    if not (sa.raw and sb.raw) or sa.per_layer or sb.per_layer or sa.axis != sb.axis:
+        return None
+    layout_a = va.checkpoint.chunk_layout(sa.raw)
+    if layout_a is None or layout_a != vb.checkpoint.chunk_layout(sb.raw):
+        return None
+    return _StoredPair(sa.raw, sb.raw, layout_a, sa.axis)
+
+
+def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: list, opts: CompareOptions) -> bool:
+    """Compare a block's stored chunks; decode and compare values only where bytes differ
+    (different bytes may still hold equal values). True when some chunk's bytes differed."""
+    differing = []
+    itemsizes = _itemsize(job.la.dtype) + _itemsize(job.lb.dtype)
+    for part, ra, rb in reads:
+        stored_a, stored_b = ra.result(), rb.result()
+        n = math.prod(s.stop - s.start for s in part)
+        if stored_a is not None and stored_a == stored_b:
+            job.acc.n_total += n  # identical encodings of identical values: nothing to decode
+            job.acc.bytes_read += n * itemsizes
+        else:
+            differing.append(part)
+    for part in differing:
+        pa, pb = _start_reads(va, vb, job, part)
+        a, b = pa.result(), pb.result()
+        job.acc.bytes_read += pa.nbytes + pb.nbytes
+        _compare_values(job, a, b, part, opts)
+    return bool(differing)
+
+
+def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
+    """Memory a block's read holds at its peak: the block itself, both sides, plus every
+    stored chunk it touches, decoded whole by tensorstore before the block's part is copied
+    out. A slab read one chunk's part at a time (`_read_in_parts`) holds one chunk a side."""
+    n = math.prod(s.stop - s.start for s in block)
+    total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+    in_parts = job.as_stored and _cuts_chunks(job, block)
+    for leaf in (job.la, job.lb):
+        c = leaf.chunk_shape
+        if c is not None and len(c) == len(block):
+            touched = 1
+            for s, ci, d in zip(block, c, leaf.shape):
+                ci = max(1, min(ci, d))
+                touched *= ci if in_parts else min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
+            total += touched * _itemsize(leaf.dtype)
+    return total
+
+
+def _compare_values(job: _Job, a: Any, b: Any, block: tuple[slice, ...], opts: CompareOptions) -> None:
+    if isinstance(a, str) or isinstance(b, str):
+        job.acc.n_total += 1
+        if a != b:
+            job.acc.n_mismatch += 1
+            job.acc.worst = (math.inf, (), a, b)
+            job.acc.headroom, job.acc.headroom_index = math.inf, ()
+        return
+    origin = tuple(s.start for s in block)
+    layered = job.la.layers is not None
+    cast = None if job.cast_to is None else _np_dtype(job.cast_to)
+    if isinstance(a, list) or isinstance(b, list):  # per-layer arrays on a side: never stacked
+        for i in range(block[0].stop - block[0].start):
+            ai, bi = np.asarray(a[i]), np.asarray(b[i])
+            compare_block(ai[np.newaxis], bi[np.newaxis], job.tol, opts.equal_nan, job.acc, (origin[0] + i, *origin[1:]), layered, cast)
+        return
+    if job.as_stored:
+        compare_stored_block(a, b, job.tol, opts.equal_nan, job.acc, origin, job.la.storage.axis if layered else None, cast)
+        return
+    compare_block(a, b, job.tol, opts.equal_nan, job.acc, origin, layered, cast)
+
+
+def _finish(job: _Job) -> LeafResult:
+    la, lb = job.la, job.lb
+    if la.layers is not None:  # layers never decoded (identical pieces or stored bytes) drifted 0
+        start, stop = job.layer_range or (0, la.layers)
+        for layer in range(start, stop):
+            job.acc.layer_drift.setdefault(layer, [0.0, 0.0, 0.0])
+    stats = job.acc.stats()
+    return LeafResult(
+        job.path, VALUES if stats.n_mismatch else None,
+        shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype,
+        layers=la.layers, layer_range=job.layer_range, stats=stats, tolerance=job.tol,
+        notes=job.notes, bytes_read=job.acc.bytes_read,
+    )
