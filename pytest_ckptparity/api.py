@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -41,6 +42,16 @@ def remove_report_listener(fn: Callable[[ParityReport], None]) -> None:
 # --------------------------------------------------------------------------------------
 # Option checking
 # --------------------------------------------------------------------------------------
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that points a warning at the first frame outside this package (the
+    user's test or script), however deep inside the package it is raised."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1  # the function about to warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_tol(name: str, value: Any) -> Optional[float]:
@@ -217,7 +228,7 @@ class Comparison:
                 note = (f"{view.name}: compared step {ckpt.step} of {root}, its latest committed step; newer step "
                         f"{steps} {'is' if len(newer) == 1 else 'are'} not committed (still being written, or abandoned)")
                 self.notes.append(note)
-                warnings.warn(CkptParityWarning(note), stacklevel=2)
+                warnings.warn(CkptParityWarning(note), stacklevel=_caller_level())
 
     def _check_scope(self) -> list[str]:
         """No typo goes green: every include glob must match a leaf, and the scope must leave
@@ -262,7 +273,7 @@ class Comparison:
             # makes it fail).
             for note in report.notes:
                 if NOT_BIT_IDENTICAL in note:
-                    warnings.warn(CkptParityWarning(note), stacklevel=3)
+                    warnings.warn(CkptParityWarning(note), stacklevel=_caller_level())
         else:
             report = diff_views(va, vb, self.options, selection)
         report.locations = (va.checkpoint.location, vb.checkpoint.location)

@@ -571,3 +571,16 @@ def test_a_complex_leaf_is_refused_by_name_never_half_fingerprinted(dtype):
     with pytest.raises(CkptParityUsageError, match=r"leaf 'params/c' is complex.*exclude='params/c'"):
         take_fingerprint(tree)
     assert "params/c" not in take_fingerprint(tree, exclude="params/c").leaves
+
+
+def test_the_not_bit_identical_warning_points_at_the_callers_line(tmp_path):
+    """pytest's warnings summary shows where a warning came from: the user's line, not ours."""
+    from pytest_ckptparity import CkptParityWarning
+
+    w = np.random.default_rng(5).standard_normal((64, 2, 64)).astype(np.float32)
+    golden = write_fingerprint(take_fingerprint({"params": {"decoder": {"layers": {"w": w}}}}), tmp_path / "g.json")
+    w2 = w.copy()
+    w2[1, 0, 3] += 1e-3
+    with pytest.warns(CkptParityWarning) as caught:
+        assert_ckpt_fingerprint({"params": {"decoder": {"layers": {"w": w2}}}}, golden)
+    assert [Path(r.filename).name for r in caught] == ["test_fingerprint.py"]
