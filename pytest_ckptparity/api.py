@@ -231,8 +231,8 @@ class Comparison:
                 warnings.warn(CkptParityWarning(note), stacklevel=_caller_level())
 
     def _check_scope(self) -> list[str]:
-        """No typo goes green: every include glob must match a leaf, and the scope must leave
-        something to compare. Returns header notes (exclude globs that matched nothing)."""
+        """No typo goes green: every include glob and every tolerance glob must match a leaf, and
+        the scope must leave something to compare. Returns header notes (exclude globs that matched nothing)."""
         va, vb = self.views
         left_out = set(va.ignored) | set(vb.ignored)
         union = sorted((set(va.leaves) | set(vb.leaves)) - left_out)
@@ -247,6 +247,12 @@ class Comparison:
                 raise CkptParityUsageError(
                     f"include glob {pattern!r} matches no leaf of {where}{why}; the top-level groups are: {groups}. "
                     f"Check its spelling (`ckptparity inspect PATH` lists every path).")
+        every = set(union) | left_out
+        for pattern in opts.tolerances:
+            if not any(glob_match(p, pattern) for p in every):
+                raise CkptParityUsageError(
+                    f"tolerance glob {pattern!r} matches no leaf of {where}, so its atol/rtol would apply nowhere; the top-level "
+                    f"groups are: {groups}. Check its spelling (`ckptparity inspect PATH` lists every path).")
         if not union:
             raise CkptParityUsageError(f"nothing to compare: neither {where} holds a leaf (after the layout's ignore rules); a comparison that compares nothing never passes.")
         kept, _ = scoped_paths(va, vb, opts)
@@ -383,6 +389,10 @@ class TrajectoryComparison:
             if not isinstance(x, (str, os.PathLike)) or isinstance(x, bytes):
                 raise CkptParityUsageError(
                     f"{side}: steps= compares CheckpointManager roots given as paths or URLs, not a {type(x).__name__}; pass the folder that holds the step folders.")
+            if os.fspath(x).endswith(".json"):
+                raise CkptParityUsageError(
+                    f"{side}: '{os.fspath(x)}' is a fingerprint file, which holds one checkpoint; steps= compares two CheckpointManager "
+                    f"roots step by step. Compare with the fingerprint without steps, or pass the run's root folder.")
         so_a, so_b = _storage_options(storage_options, a, b)
         self.roots: tuple[str, str] = (os.fspath(a) if not _is_url(a) else a, os.fspath(b) if not _is_url(b) else b)
         (ca, pa), (cb, pb) = (manager_steps(x, side=n, storage_options=so) for x, n, so in zip(self.roots, self.names, (so_a, so_b)))

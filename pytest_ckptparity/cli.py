@@ -175,6 +175,7 @@ def run_compare(argv: Sequence[str]) -> int:
     from pytest_ckptparity.report import comparison_record, json_document, render
 
     args = _compare_parser().parse_args(argv)
+    _check_report_option(args.report)
     _check_html_option(args.html)
     _keep_freed_memory_for_reuse()
     options = make_options(
@@ -195,10 +196,15 @@ def run_compare(argv: Sequence[str]) -> int:
         )
     for w in caught:
         print(f"ckptparity: warning: {w.message}", file=sys.stderr)
-    if options.compare_values and _want_progress(args.progress, comparison.bytes_to_read()):
-        report = run_with_progress(comparison)
-    else:
-        report = comparison.run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if options.compare_values and _want_progress(args.progress, comparison.bytes_to_read()):
+            report = run_with_progress(comparison)
+        else:
+            report = comparison.run()
+    for w in caught:  # what the report's header already says is not said twice
+        if str(w.message) not in report.notes:
+            print(f"ckptparity: warning: {w.message}", file=sys.stderr)
     _out(render(report, color=_color(args.color), max_rows=_max_rows(args), more_hint=MORE_HINT, layer_strips=True))
     if args.report:
         document = json_document([comparison_record(report)], tool="ckptparity")
@@ -220,7 +226,13 @@ def run_steps(args: argparse.Namespace, options: Any) -> int:
         format_a=args.format_a, format_b=args.format_b, ignore_rngs=not args.compare_rngs, options=options,
         scan_axis=None if args.scan_axis is None else parse_scan_axis("--scan-axis", args.scan_axis),
     )
-    report = trajectory.run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = trajectory.run()
+    said = {n for r in report.reports.values() for n in r.notes}
+    for w in caught:  # what a step's header already says is not said twice
+        if str(w.message) not in said:
+            print(f"ckptparity: warning: {w.message}", file=sys.stderr)
     _out(render_trajectory(report, color=_color(args.color), max_rows=_max_rows(args), more_hint=MORE_HINT, summary_last=True))
     if args.report:
         records = report.records()
@@ -228,6 +240,14 @@ def run_steps(args: argparse.Namespace, options: Any) -> int:
         Path(args.report).write_text(json.dumps(document, indent=1, sort_keys=True))
     _write_html(args.html, report.records())
     return EXIT_PARITY if report.passed else EXIT_MISMATCH
+
+
+def _check_report_option(path: Optional[str]) -> None:
+    """--report: a writable place, before any checkpoint is read."""
+    if path is not None:
+        from pytest_ckptparity._outputs import check_output_file
+
+        check_output_file(path, "--report", "report.json")
 
 
 def _check_html_option(path: Optional[str]) -> None:
@@ -331,6 +351,9 @@ def run_fingerprint(argv: Sequence[str]) -> int:
         from pytest_ckptparity.errors import CkptParityUsageError
 
         raise CkptParityUsageError(f"--output {args.output!r} must end in .json (fingerprint files are found by that suffix).")
+    from pytest_ckptparity._outputs import check_output_file
+
+    check_output_file(args.output, "--output", "fingerprint.json")
     _keep_freed_memory_for_reuse()
     fp = take_fingerprint(
         args.path, step=args.step, format=args.format, include=args.include, exclude=args.exclude, ignore_rngs=not args.compare_rngs,

@@ -92,6 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ckpt_parity(**kwargs): override assert_ckpt_parity options (atol, rtol, include, exclude, ...) for the ckpt_parity fixture of one test.")
     config.addinivalue_line("markers", "ckpt_matrix(*names): run the test once per pair of named checkpoints (fixture ckpt_pair), ids like 'a-vs-b'.")
     settings = build_settings(config)
+    _check_report_option(config)
     _check_html_option(config)
     config.stash[settings_key] = settings
     config.stash[stats_key] = RunStats()
@@ -111,6 +112,19 @@ def pytest_configure(config: pytest.Config) -> None:
     from pytest_ckptparity._fingerprint_plugin import FingerprintTracker
 
     config.pluginmanager.register(FingerprintTracker(config), "ckptparity-fingerprints")
+
+
+def _check_report_option(config: pytest.Config) -> None:
+    """--ckpt-report: a place to write, before any test runs."""
+    path = config.getoption("ckpt_report", None)
+    if path is not None and not _is_worker(config):
+        from pytest_ckptparity._outputs import check_output_file
+        from pytest_ckptparity.errors import CkptParityUsageError
+
+        try:
+            check_output_file(path, "--ckpt-report", "report.json")
+        except CkptParityUsageError as e:
+            raise pytest.UsageError(str(e)) from None
 
 
 def _check_html_option(config: pytest.Config) -> None:

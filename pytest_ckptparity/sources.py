@@ -230,7 +230,10 @@ def manager_steps(
             _locate(root, None, side)  # raises the sentence for a missing path, a file or a temp folder
         if root.exists("_METADATA") or root.exists("_CHECKPOINT_METADATA"):
             what = "a single checkpoint" if root.exists("_METADATA") else "a step folder"
-            raise _usage(side, root, f"'{root}' is {what}, not a CheckpointManager root; comparing over steps needs the folder that holds the step folders (e.g. '{root.parent}').")
+            up = root.parent
+            if root.exists("_METADATA") and _STEP_NAME.match(up.name):  # an item inside a step folder
+                up = up.parent
+            raise _usage(side, root, f"'{root}' is {what}, not a CheckpointManager root; comparing over steps needs the folder that holds the step folders (e.g. '{up}').")
         committed, unfinished = _steps(side, root)
         if not committed:
             _locate(root, None, side)  # no committed step: the sentence says what the folder holds

@@ -193,3 +193,45 @@ def test_damaged_checkpoints_as_side_b_name_side_b_and_the_path(copy_ckpt, sampl
     assert message.startswith("nnx: ") and fragment in message, message
     assert str(path) in message or str(path.parent) in message, message
     assert "None" not in message and "\n" not in message.strip()
+
+
+def test_a_tolerance_glob_that_matches_nothing_is_a_typo_not_a_green_run(samples):
+    """A misspelt tightening (`parms/** 0 0`) would otherwise leave the defaults in place."""
+    with pytest.raises(CkptParityUsageError, match=r"tolerance glob 'parms/\*\*' matches no leaf of A or B, so its atol/rtol would apply nowhere; the top-level groups are: .*params"):
+        assert_ckpt_parity(samples["maxtext_decode_scan"], samples["maxtext_decode_scan"], tolerances={"parms/**": {"atol": 0, "rtol": 0}})
+    code, err = cli(samples["maxtext_decode_scan"], samples["maxtext_decode_scan"], "--tolerance", "parms/** 0 0")
+    assert code == 2 and "tolerance glob 'parms/**' matches no leaf" in err
+    assert assert_ckpt_parity(samples["maxtext_decode_scan"], samples["maxtext_decode_scan"], tolerances={"params/**": {"atol": 0, "rtol": 0}}).passed
+
+
+def test_output_files_in_missing_folders_are_refused_before_any_read(samples, tmp_path):
+    """--report and fingerprint -o: one sentence up front; no folder is ever created for a typo."""
+    missing = tmp_path / "no_such_dir"
+    code, err = cli(samples["maxtext_decode_scan"], samples["maxtext_decode_scan"], "--report", str(missing / "r.json"))
+    assert code == 2 and err == f"ckptparity: error: --report '{missing / 'r.json'}': the directory '{missing}' does not exist; create it or write the file elsewhere."
+    code, err = cli(samples["maxtext_decode_scan"], samples["maxtext_decode_scan"], "--report", str(tmp_path))
+    assert code == 2 and "is a directory; give a file name such as" in err
+    code, err = cli("fingerprint", samples["maxtext_decode_scan"], "-o", str(missing / "f.json"))
+    assert code == 2 and f"--output '{missing / 'f.json'}': the directory '{missing}' does not exist" in err
+    assert not missing.exists()
+
+
+def test_pytest_report_path_is_checked_before_the_run(pytester, samples, tmp_path):
+    missing = tmp_path / "no_such_dir" / "r.json"
+    result = pytester.runpytest(f"--ckpt-a={samples['maxtext_decode_scan']}", f"--ckpt-b={samples['maxtext_decode_scan']}", f"--ckpt-report={missing}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--ckpt-report '{missing}': the directory '{missing.parent}' does not exist*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+def test_steps_over_a_step_folder_or_a_fingerprint_name_the_way_out(tmp_path):
+    runs = ex.write_drifting_runs(tmp_path / "runs", steps=2)
+    linen = Path(runs["linen"])
+    code, err = cli(str(linen / "1" / "items"), runs["nnx"], "--steps", "all")
+    assert code == 2 and f"is a single checkpoint, not a CheckpointManager root; comparing over steps needs the folder that holds the step folders (e.g. '{linen}')" in err
+    code, err = cli(str(linen / "1"), runs["nnx"], "--steps", "all")
+    assert code == 2 and f"is a step folder, not a CheckpointManager root" in err and f"(e.g. '{linen}')" in err
+    fp = tmp_path / "f.json"
+    assert cli("fingerprint", runs["nnx"], "-o", str(fp))[0] == 0
+    code, err = cli(runs["linen"], str(fp), "--steps", "all")
+    assert code == 2 and f"B: '{fp}' is a fingerprint file, which holds one checkpoint; steps= compares two CheckpointManager roots" in err
