@@ -20,6 +20,7 @@ DTYPE = "dtype"
 VALUES = "values"
 LAYOUT = "layout"  # a layer stack against a plain array, or stacks on different axes: never compared
 FINGERPRINT = "statistics"  # values differ from a fingerprint: statistics moved beyond tolerance
+NOT_BIT_IDENTICAL_NOTE = "not bit-identical"  # how a leaf note starts when it passed against a fingerprint on statistics alone
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class ParityReport:
     values_compared: bool = True
     wall_time: float = 0.0
     notes: list[str] = field(default_factory=list)  # header sentences: scope decisions, layout fallbacks
+    statistics_only: bool = False  # B (or A) is a fingerprint: statistics and digests, no per-element figures
     rngs_ignored: bool = False  # RNG state was left out (the default), so the header says so
 
     @property
@@ -204,6 +206,7 @@ class ParityReport:
             "notes": list(self.notes),
             "passed": self.passed,
             "values_compared": self.values_compared,
+            "statistics_only": self.statistics_only,
             "totals": self.totals(),
             "leaves": [r.to_dict() for r in self.results],
         })

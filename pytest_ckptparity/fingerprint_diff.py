@@ -33,7 +33,7 @@ import time
 from dataclasses import replace
 from typing import Any, Iterable, Optional
 
-from pytest_ckptparity._model import FINGERPRINT, LeafResult, ParityReport, Tolerance, ValueStats
+from pytest_ckptparity._model import FINGERPRINT, NOT_BIT_IDENTICAL_NOTE, LeafResult, ParityReport, Tolerance, ValueStats
 from pytest_ckptparity._paths import any_match, in_scope
 from pytest_ckptparity.diff import CompareOptions, Selection, _kind, _structural, resolve_tolerance, scoped_paths
 from pytest_ckptparity.fingerprint import _MASK, Fingerprint, FingerprintView, LeafPrint, Stats, fingerprint_view
@@ -234,7 +234,7 @@ def diff_with_fingerprint(
         ok, why, layers, worst, changed, res = _compare_leaf(path, pa, pb, tol, comparable, layer_range, opts.equal_nan)
         count = pa.stats.count if layer_range is None else sum(pa.layer_stats[i].count for i in range(*layer_range))
         if ok and changed:
-            notes = notes + (f"not bit-identical{_units_text(changed)}; statistics within tolerance (single-element resolution {res:.3g})",)
+            notes = notes + (f"{NOT_BIT_IDENTICAL_NOTE}{_units_text(changed)}; statistics within tolerance (single-element resolution {res:.3g})",)
             loose.append((path + _units_text(changed), res))
         results[slot] = LeafResult(
             path, None if ok else FINGERPRINT, shape_a=la.shape, shape_b=lb.shape, dtype_a=la.dtype, dtype_b=lb.dtype,
@@ -246,6 +246,7 @@ def diff_with_fingerprint(
         names=(va.name, vb.name), layouts=(va.describe(), vb.describe()), results=results,
         ignored=ignored if selection is None else 0, values_compared=opts.compare_values,
     )
+    report.statistics_only = True
     report.notes.extend(scope_notes)
     if loose:
         worst_res = max(r for _, r in loose)

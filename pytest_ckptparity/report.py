@@ -9,7 +9,9 @@ import os
 import sys
 from typing import Any, Optional
 
-from pytest_ckptparity._model import DTYPE, FINGERPRINT, LAYOUT, ONLY_IN_A, ONLY_IN_B, VALUES, LeafResult, ParityReport
+from pytest_ckptparity._model import (
+    DTYPE, FINGERPRINT, LAYOUT, NOT_BIT_IDENTICAL_NOTE, ONLY_IN_A, ONLY_IN_B, VALUES, LeafResult, ParityReport,
+)
 
 DEFAULT_MAX_ROWS = 20  # rows before "... and K more"; pytest -v raises it, -vv shows all
 
@@ -101,6 +103,11 @@ def headroom_text(report: ParityReport) -> str:
     """`headroom 0.42 at path index (..)`: how close the closest element came to its tolerance."""
     if not report.values_compared or not report.results:
         return ""
+    if report.statistics_only:  # a fingerprint holds no elements: say what was judged
+        loose = sum(1 for r in report.results if r.ok and any(n.startswith(NOT_BIT_IDENTICAL_NOTE) for n in r.notes))
+        if loose:
+            return f"statistics within tolerance, {loose} {'leaf' if loose == 1 else 'leaves'} not bit-identical"
+        return "every digest equal (bit-identical to the fingerprint)"
     h, leaf, index = report.headroom()
     if leaf is None:
         return "every value identical"
@@ -344,6 +351,9 @@ def run_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
         for leaf in r.get("leaves", []):
             if not leaf.get("ok") and (worst is None or _max_abs(leaf) > _max_abs(worst)):
                 worst, worst_test = leaf, r.get("test")
+    loose = len({((tuple(r.get("names") or ()), tuple(r.get("locations") or ())), leaf["path"])
+                 for r in counted if r.get("statistics_only") for leaf in r.get("leaves", [])
+                 if leaf.get("ok") and any(str(n).startswith(NOT_BIT_IDENTICAL_NOTE) for n in leaf.get("notes") or ())})
     room, room_test = None, None
     for r in counted:
         for leaf in r.get("leaves", []):
@@ -367,6 +377,8 @@ def run_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
         "headroom_index": (room.get("stats") or {}).get("headroom_index") if room else None,
         "headroom_test": room_test if room else None,
         "values_compared": any(r.get("values_compared", True) for r in records),
+        "statistics_only": bool(records) and all(r.get("statistics_only") for r in records),
+        "leaves_not_bit_identical": loose,
         "passed": all(r.get("passed") for r in counted),
     }
 
@@ -377,7 +389,7 @@ def summary_lines(totals: dict[str, Any]) -> list[tuple[str, bool]]:
     parts = [f"{t['comparisons_passed']} passed", f"{t['comparisons_failed']} failed"]
     if t.get("comparisons_expected_to_fail"):
         parts.append(f"{t['comparisons_expected_to_fail']} failed as their tests expected")
-    labels = {"match": "match", "values": "values differ", "shape": "shapes differ", "dtype": "dtypes differ", "layout": "layer layouts differ"}
+    labels = {"match": "match", "values": "values differ", "shape": "shapes differ", "dtype": "dtypes differ", "layout": "layer layouts differ", "statistics": "statistics moved"}
     outcomes = ", ".join(f"{n} {labels.get(kind, kind)}" for kind, n in sorted(t["leaves_by_outcome"].items(), key=lambda kv: (kv[0] != "match", kv[0])))
     lines = [
         (f"comparisons: {t['comparisons']} ({', '.join(parts)})", False),
@@ -395,8 +407,14 @@ def summary_lines(totals: dict[str, Any]) -> list[tuple[str, bool]]:
         where = f" index {tuple(index)}" if index else ""
         test = f" in {t['headroom_test']}" if t.get("headroom_test") else ""
         lines.append((f"headroom: {_num(float(t['headroom']))} of the allowance at {t['headroom_leaf']}{where}{test} (closest to tolerance among matching leaves)", False))
-    elif t.get("values_compared") and t["leaves_by_outcome"].get("match"):
+    elif t.get("values_compared") and t["leaves_by_outcome"].get("match") and not t.get("statistics_only"):
         lines.append(("headroom: 0 (every value of the matching leaves is identical)", False))
+    if t.get("leaves_not_bit_identical"):
+        n = t["leaves_not_bit_identical"]
+        lines.append((f"fingerprints: {n} matching {'leaf is' if n == 1 else 'leaves are'} not bit-identical to the fingerprint "
+                      f"(statistics within tolerance; a fingerprint has no per-element headroom)", False))
+    elif t.get("statistics_only") and t["leaves_by_outcome"].get("match"):
+        lines.append(("fingerprints: every matching leaf is bit-identical to its fingerprint (every digest equal)", False))
     return lines
 
 

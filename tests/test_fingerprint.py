@@ -584,3 +584,26 @@ def test_the_not_bit_identical_warning_points_at_the_callers_line(tmp_path):
     with pytest.warns(CkptParityWarning) as caught:
         assert_ckpt_fingerprint({"params": {"decoder": {"layers": {"w": w2}}}}, golden)
     assert [Path(r.filename).name for r in caught] == ["test_fingerprint.py"]
+
+
+def test_against_a_fingerprint_the_text_never_claims_identical_values(tmp_path):
+    """A fingerprint has no elements: the first line and the run summary say what was judged."""
+    from pytest_ckptparity.report import comparison_record, render, run_totals, summary_lines
+
+    w = np.random.default_rng(6).standard_normal((64, 2, 64)).astype(np.float32)
+    tree = {"params": {"decoder": {"layers": {"w": w}}, "b": np.ones(4, np.float32)}}
+    golden = str(write_fingerprint(take_fingerprint(tree), tmp_path / "g.json"))
+    same = compare_checkpoints(tree, golden)
+    assert same.statistics_only and same.to_dict()["statistics_only"] is True
+    assert render(same, color=False).splitlines()[0].endswith("every digest equal (bit-identical to the fingerprint)")
+    w2 = w.copy()
+    w2[3, 1, 0] += 1e-3
+    with pytest.warns(Warning):
+        near = compare_checkpoints({"params": {"decoder": {"layers": {"w": w2}}, "b": tree["params"]["b"]}}, golden)
+    first = render(near, color=False).splitlines()[0]
+    assert near.passed and first.endswith("statistics within tolerance, 1 leaf not bit-identical") and "identical" not in first.replace("bit-identical", "")
+    lines = [text for text, _ in summary_lines(run_totals([comparison_record(same), comparison_record(near)]))]
+    assert not any(line.startswith("headroom: 0") for line in lines), lines
+    assert "fingerprints: 1 matching leaf is not bit-identical to the fingerprint (statistics within tolerance; a fingerprint has no per-element headroom)" in lines
+    lines = [text for text, _ in summary_lines(run_totals([comparison_record(same)]))]
+    assert "fingerprints: every matching leaf is bit-identical to its fingerprint (every digest equal)" in lines
