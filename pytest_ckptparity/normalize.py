@@ -393,6 +393,7 @@ def normalize(
     stack_of: dict[str, str] = {}
     leaves: dict[str, LogicalLeaf] = {}
     stack_counts: dict[tuple[str, int], set[int]] = defaultdict(set)
+    stacked_dims: list[int] = []  # ndim of every leaf of a stacked layer group (a given scan_axis must fit one)
 
     def add_plain(cpath: str, raw: KeyPath, info: ArrayInfo, group: str) -> None:
         if cpath in plain:  # two raw leaves fold onto one canonical path: keep both visible
@@ -414,6 +415,7 @@ def normalize(
             # Each leaf on its own: layered when it has the scan axis. Whether a leaf is layered
             # never depends on the other leaves of its stack.
             axis = _scan_axis(group, scan_axis, ckpt.custom_metadata)
+            stacked_dims.append(len(info.shape))
             if not scanned_allowed or len(info.shape) <= axis:
                 add_plain(path_str(cpath), raw, info, group)
                 continue
@@ -434,6 +436,11 @@ def normalize(
         families[folded][layer] = (raw, info)
         stack_of[folded] = path_str(cpath[:pos] + (stack,))
         family_meta[folded] = (group, style)
+
+    if scan_axis is not None and scanned_allowed and stacked_dims and max(stacked_dims) <= scan_axis:
+        raise CkptParityUsageError(
+            f"{ckpt.name}: scan_axis {scan_axis} is beyond every array of the layer stacks of '{ckpt.location}' (they have at most "
+            f"{max(stacked_dims)} axes, numbered from 0); MaxText's Linen checkpoints stack layers on axis 1, NNX ones on axis 0.")
 
     # Families: layered when layers 0..L-1 are all there with one shape and dtype.
     for cpath, members in families.items():

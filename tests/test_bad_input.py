@@ -235,3 +235,12 @@ def test_steps_over_a_step_folder_or_a_fingerprint_name_the_way_out(tmp_path):
     assert cli("fingerprint", runs["nnx"], "-o", str(fp))[0] == 0
     code, err = cli(runs["linen"], str(fp), "--steps", "all")
     assert code == 2 and f"B: '{fp}' is a fingerprint file, which holds one checkpoint; steps= compares two CheckpointManager roots" in err
+
+
+def test_a_scan_axis_beyond_every_stacked_array_is_a_usage_error(demo_ckpts):
+    """--scan-axis 5 on 3-D stacks was nine 'layer layout differs' rows: a typo, not a verdict."""
+    with pytest.raises(CkptParityUsageError, match=r"^A: scan_axis 5 is beyond every array of the layer stacks of .* \(they have at most 4 axes, numbered from 0\)"):
+        assert_ckpt_parity(demo_ckpts["linen"], demo_ckpts["nnx"], scan_axis=5)
+    code, err = cli(demo_ckpts["linen"], demo_ckpts["nnx"], "--scan-axis", "5")
+    assert code == 2 and "scan_axis 5 is beyond every array of the layer stacks" in err
+    assert assert_ckpt_parity(demo_ckpts["linen"], demo_ckpts["nnx"], scan_axis=(1, 0)).passed
