@@ -457,6 +457,12 @@ def to_json(fp: Fingerprint) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_fingerprint(fp: Fingerprint, path: Union[str, os.PathLike]) -> Path:
     """Write atomically (a temp file in the same folder, then a rename): concurrent writers
     (xdist workers) and readers never see half a file."""
@@ -466,6 +472,7 @@ def write_fingerprint(fp: Fingerprint, path: Union[str, os.PathLike]) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(to_json(fp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a golden file is shared like any other
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -607,3 +608,11 @@ def test_against_a_fingerprint_the_text_never_claims_identical_values(tmp_path):
     assert "fingerprints: 1 matching leaf is not bit-identical to the fingerprint (statistics within tolerance; a fingerprint has no per-element headroom)" in lines
     lines = [text for text, _ in summary_lines(run_totals([comparison_record(same)]))]
     assert "fingerprints: every matching leaf is bit-identical to its fingerprint (every digest equal)" in lines
+
+
+def test_fingerprint_files_get_the_usual_permissions(tmp_path):
+    """Golden files live in shared folders and repositories: not the 0600 of a temp file."""
+    path = write_fingerprint(take_fingerprint({"params": {"w": np.ones(3, np.float32)}}), tmp_path / "g.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
