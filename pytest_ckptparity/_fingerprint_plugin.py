@@ -144,7 +144,8 @@ class FingerprintTracker:
             for f in run.unused:
                 tr.write_line(f"  unused: {f}")
         else:
-            tr.write_line(f"{len(run.used)} fingerprint files checked, none unused")
+            n = len(run.used)
+            tr.write_line(f"{n} fingerprint {'file' if n == 1 else 'files'} checked, none unused")
 
 
 def find_unused(run: FingerprintRun) -> list[str]:

@@ -119,14 +119,15 @@ def summary_line(report: ParityReport) -> str:
     na, nb = report.names
     n = len(report.results)
     if report.passed:
-        what = "leaves match" if report.values_compared else "leaves match in structure, shape and dtype"
+        what = ("leaf matches" if n == 1 else "leaves match") + ("" if report.values_compared else " in structure, shape and dtype")
         room = headroom_text(report)
         return f"checkpoint parity: {n} {what} ({na} vs {nb})" + (f"; {room}" if room else "")
     bad = report.mismatches
     first = ", ".join(f"{located_path(r)} ({kind_text(r, report.names)})" for r in bad[:3])
     more = f", +{len(bad) - 3} more" if len(bad) > 3 else ""
     hint = "; dtypes differ: dtype_policy='cast' compares the values" if any(r.kind == DTYPE for r in bad) else ""
-    return f"checkpoint parity failed: {len(bad)} of {n} leaves differ: {first}{more}{hint}"
+    differ = "leaf differs" if n == 1 else "leaves differ"
+    return f"checkpoint parity failed: {len(bad)} of {n} {differ}: {first}{more}{hint}"
 
 
 def side_line(report: ParityReport, side: int) -> str:
@@ -146,7 +147,7 @@ def _header(report: ParityReport) -> list[str]:
     lines = [side_line(report, 0), side_line(report, 1), *report.notes]
     if report.ignored:
         why = " (RNG state is ignored by default; compare_rngs / ignore_rngs=False includes it)" if report.rngs_ignored else ""
-        lines.append(f"{report.ignored} leaves left out by scope or layout rules{why}")
+        lines.append(f"{report.ignored} {'leaf' if report.ignored == 1 else 'leaves'} left out by scope or layout rules{why}")
     return [l for l in lines if l]
 
 

@@ -98,5 +98,5 @@ def test_a_structure_only_pass_says_so():
     a = {"w": np.zeros(3, np.float32)}
     report = assert_ckpt_parity(a, {"w": np.ones(3, np.float32)}, compare_values=False)
     assert report.values_compared is False and report.bytes_read == 0
-    assert summary_line(report) == "checkpoint parity: 1 leaves match in structure, shape and dtype (A vs B)"
-    assert summary_line(assert_ckpt_parity(a, a)) == "checkpoint parity: 1 leaves match (A vs B); every value identical"
+    assert summary_line(report) == "checkpoint parity: 1 leaf matches in structure, shape and dtype (A vs B)"
+    assert summary_line(assert_ckpt_parity(a, a)) == "checkpoint parity: 1 leaf matches (A vs B); every value identical"

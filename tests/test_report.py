@@ -62,7 +62,7 @@ def test_no_clutter_in_value_rows():
 def test_rng_sentence_only_when_rng_state_was_left_out(demo_ckpts):
     tree = {"params": {"w": np.ones(2, np.float32)}, "opt_state": {"m": np.zeros(2, np.float32)}}
     scoped = compare_checkpoints(tree, tree, exclude="opt_state")
-    assert "1 leaves left out by scope or layout rules" in render_plain(scoped) and "RNG" not in render_plain(scoped)
+    assert "1 leaf left out by scope or layout rules" in render_plain(scoped) and "RNG" not in render_plain(scoped)
     with_rngs = {**tree, "rngs": {"default": {"count": np.array(3, np.uint32)}}}
     report = compare_checkpoints(with_rngs, with_rngs)
     assert report.rngs_ignored and "RNG state is ignored by default" in render_plain(report)
@@ -92,7 +92,7 @@ def test_headroom_is_the_largest_share_of_the_allowance_used():
     report = compare_checkpoints({"params": {"w": a}}, {"params": {"w": b}}, atol=1e-3, rtol=0)
     s = report.results[0].stats
     assert s.headroom == pytest.approx(0.5, rel=1e-5) and s.headroom_index == (3,)
-    assert summary_line(report) == "checkpoint parity: 1 leaves match (A vs B); headroom 0.5 of the allowance at params/w index (3,)"
+    assert summary_line(report) == "checkpoint parity: 1 leaf matches (A vs B); headroom 0.5 of the allowance at params/w index (3,)"
     # The largest |a - b| is not the largest share when |b| is large: rtol widens its allowance.
     b = np.zeros(8, np.float64)
     b[7] = 100.0

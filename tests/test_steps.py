@@ -339,7 +339,7 @@ def test_pytest_items_per_step_name_the_first_drift(pytester, runs, tmp_path, xd
         f"first out of tolerance at step 2: {LEAF} [[]layer 1[]] (values, max abs diff 0.01*",
         "PASSED ckpt-parity::step_0/params/token_embedder", "PASSED ckpt-parity::step_1/params/decoder/layers/mlp/wi_0/kernel",
         f"FAILED ckpt-parity::step_2/{LEAF} - *", f"FAILED ckpt-parity::step_3/{LEAF} - *",
-        f"checkpoint parity failed: 1 of 1 leaves differ: {LEAF} [[]layer 1[]] (values)", "*2 failed, 134 passed*",
+        f"checkpoint parity failed: 1 of 1 leaf differs: {LEAF} [[]layer 1[]] (values)", "*2 failed, 134 passed*",
     ])
     assert "Traceback" not in result.stdout.str()
     doc = json.loads(out_json.read_text())
