@@ -220,6 +220,12 @@ def run_steps(args: argparse.Namespace, options: Any) -> int:
     from pytest_ckptparity.report import json_document
     from pytest_ckptparity.trajectory import parse_steps, render_trajectory, trajectory_fields
 
+    taken = [f"--{k.replace('_', '-')} {v}" for k, v in (("step", args.step), ("step_a", args.step_a), ("step_b", args.step_b)) if v is not None]
+    if taken:
+        from pytest_ckptparity.errors import CkptParityUsageError
+
+        raise CkptParityUsageError(f"--steps {args.steps} and {', '.join(taken)} exclude each other (--steps compares several steps, "
+                                   f"--step, --step-a and --step-b pick one); pass only one of them.")
     trajectory = TrajectoryComparison(
         args.a, args.b, steps=parse_steps(args.steps, "--steps"), step=args.step, step_a=args.step_a, step_b=args.step_b,
         storage_options=parse_key_values("--storage-option", args.storage_option) or None,

@@ -308,7 +308,7 @@ def test_cli_prints_every_step_and_names_the_first_drift(runs, tmp_path, capsys)
 
 @pytest.mark.parametrize("args,message", [
     (["--steps", "sometimes"], "ckptparity: error: --steps must be 'all', 'common' or step numbers such as '0,2,4' (non-negative integers), got 'sometimes'."),
-    (["--steps", "all", "--step", "1"], "ckptparity: error: steps='all' and step=1 exclude each other (steps compares several steps, step, step_a and step_b pick one); pass only one of them."),
+    (["--steps", "all", "--step", "1"], "ckptparity: error: --steps all and --step 1 exclude each other (--steps compares several steps, --step, --step-a and --step-b pick one); pass only one of them."),
 ])
 def test_cli_bad_steps_exit_2_in_one_sentence(runs, capsys, args, message):
     assert main([runs["nnx"], runs["nnx"], *args]) == 2
