@@ -579,9 +579,10 @@ def mismatch_table(records: list[dict[str, Any]], names: tuple[str, ...], *, max
     rows = [(r, leaf) for r in records for leaf in r.get("leaves") or [] if not leaf.get("ok")]
     if not rows:
         return '<p class="note">No leaf differs.</p>'
-    figured = any((leaf.get("stats") or {}) and not compared_with_fingerprint(r) for r, leaf in rows)
+    by_stats = {id(r): compared_with_fingerprint(r) for r in records}  # once per record, not per row
+    figured = any((leaf.get("stats") or {}) and not by_stats[id(r)] for r, leaf in rows)
     figures = ["elements differ", "max abs", "max rel", "headroom"] if figured else [
-        "statistics that moved" if any(compared_with_fingerprint(r) for r, _ in rows) else "notes"]
+        "statistics that moved" if any(by_stats[id(r)] for r, _ in rows) else "notes"]
     head = (["step"] if with_steps else []) + (["test"] if with_tests else []) + ["path", "kind", "shape / dtype", *figures, "tolerance"]
     span = {} if figured else {figures[0]: ' colspan="4"'}  # one column of notes under the four figures' place
     out = ['<table class="mismatches"><tr>' + "".join(f"<th{span.get(h, '')}>{h}</th>" for h in head) + "</tr>"]
@@ -593,7 +594,7 @@ def mismatch_table(records: list[dict[str, Any]], names: tuple[str, ...], *, max
             cells.append(("", _breakable(str(r.get("test") or "-")) + (" (expected to fail)" if r.get("expected_failure") else "")))
         cells += [("", _breakable(_located(leaf))), ("", _e(_kind(leaf, names))), ("", _shape_dtype(leaf))]
         num = ' class="num" style="white-space:nowrap"'
-        if s and not compared_with_fingerprint(r):
+        if s and not by_stats[id(r)]:
             total = int(s.get("n_total") or 0)
             n = int(s.get("n_mismatch") or 0)
             pct = f" ({100.0 * n / total:.3g}%)" if total else ""
