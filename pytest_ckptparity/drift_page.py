@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from pytest_ckptparity._model import FINGERPRINT
 from pytest_ckptparity.errors import CkptParityUsageError
 
 INSTALL_HINT = "pip install 'pytest-ckptparity[html]'"
@@ -39,6 +40,9 @@ WORST_LEAVES = 20  # bars in the worst-leaves chart
 STEP_LINES = 10  # leaves drawn in the per-step chart
 TABLE_ROWS = 1000  # mismatch rows on the page before "... and K more"
 FRAGMENT_ROWS = 40  # layered leaves in a pytest-html fragment
+NOTES_SHOWN = 20  # header notes of a section before "... and K more"
+FINGERPRINT_LAYOUT = "fingerprint of "  # how a fingerprint side describes itself (FingerprintView.describe)
+STATISTICS_ONLY = "compared with a fingerprint: statistics only, no per-element figures"
 
 
 def require_plotly() -> None:
@@ -51,6 +55,8 @@ def require_plotly() -> None:
 
 def check_output_path(path: str, option: str) -> None:
     """A page path whose folder is missing, or that is a folder, is a usage error up front."""
+    if not str(path):
+        raise CkptParityUsageError(f"{option} '': the path is empty; give the page a file name, such as 'report.html'.")
     p = Path(path)
     if p.is_dir():
         raise CkptParityUsageError(f"{option} {path!r} is a directory; give a file name such as {os.path.join(path, 'report.html')!r}.")
@@ -113,6 +119,13 @@ def _pair_locations(record: dict[str, Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def compared_with_fingerprint(record: dict[str, Any]) -> bool:
+    """A side of the comparison was a fingerprint: each leaf's (and layer's) statistics were
+    compared, not its elements, so the record has no elementwise figures (its 0s mean nothing)."""
+    return any(str(layout).startswith(FINGERPRINT_LAYOUT) for layout in record.get("layouts") or ()) or any(
+        leaf.get("kind") == FINGERPRINT for leaf in record.get("leaves") or ())
+
+
 @dataclass
 class Section:
     """The comparisons of one pair of checkpoints (at one or several steps)."""
@@ -141,6 +154,28 @@ class Section:
     @property
     def passed(self) -> bool:
         return all(r.get("passed") or r.get("expected_failure") for r in self.records)
+
+    @property
+    def with_fingerprint(self) -> bool:
+        return any(compared_with_fingerprint(r) for r in self.records)
+
+    @property
+    def tests(self) -> list[str]:
+        """The test ids that made the records, in order (none from the command line)."""
+        return list(dict.fromkeys(str(r["test"]) for r in self.records if r.get("test")))
+
+    def notes(self) -> list[str]:
+        """The comparisons' header notes (scope, layout fallbacks, "not bit-identical" ...),
+        once each; prefixed by their step when the section holds several."""
+        several = len(self.steps) > 1
+        out: dict[str, None] = {}
+        for r in self.records:
+            if r.get("missing_step") is not None:  # said in its own sentence
+                continue
+            step = step_label(r.get("steps"))
+            for note in r.get("notes") or []:
+                out[f"step {step}: {note}" if several and step else str(note)] = None
+        return list(out)
 
 
 def sections(document: dict[str, Any]) -> list[Section]:
@@ -232,6 +267,30 @@ def headroom_color(h: float) -> str:
     return "#" + "".join(f"{c:02x}" for c in COLOR_STOPS[-1][1])
 
 
+TEXT_COLORS = ("#000000", "#ffffff")  # black, not the page's grey-black: 4.5:1 on every colour of the scale
+
+
+def _luminance(color: str) -> float:
+    """WCAG relative luminance of `#rrggbb`."""
+    def channel(v: int) -> float:
+        c = v / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+def contrast_ratio(a: str, b: str) -> float:
+    """WCAG contrast ratio of two `#rrggbb` colours (1 .. 21; 4.5 reads as body text)."""
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def text_color(background: str) -> str:
+    """The text colour that reads best on a cell's background: dark on light, white on dark red."""
+    return max(TEXT_COLORS, key=lambda c: contrast_ratio(c, background))
+
+
 def _plotly_scale() -> list[list[Any]]:
     return [[p, f"rgb{c}"] for p, c in COLOR_STOPS]
 
@@ -307,7 +366,9 @@ def worst_leaves_figure(figures: dict[str, LeafFigures], title: str) -> Optional
         customdata=[[_fmt(f.headroom), _fmt(f.max_abs), _fmt(f.max_rel), f"{f.n_mismatch}/{f.n_total}", "match" if f.ok else "MISMATCH"] for f in drifted],
         hovertemplate="%{y}<br>headroom %{customdata[0]} (%{customdata[4]})<br>max abs %{customdata[1]}<br>max rel %{customdata[2]}<br>elements differ %{customdata[3]}<extra></extra>",
     ))
-    fig.add_vline(x=1.0, line={"color": "#9b1c1c", "dash": "dash"}, annotation_text="tolerance", annotation_position="top")
+    fig.add_vline(x=1.0, line={"color": "#9b1c1c", "dash": "dash"})
+    # On a log axis plotly places annotations by log10 of the value: 0 is the line at 1.
+    fig.add_annotation(x=0.0, xref="x", y=1.0, yref="paper", yanchor="bottom", showarrow=False, text="tolerance", font={"color": "#9b1c1c"})
     fig.update_layout(
         title={"text": _e(title)}, height=max(260, 90 + 24 * len(drifted)), margin={"l": 10, "r": 10, "t": 50, "b": 40},
         xaxis={"type": "log", "exponentformat": "power", "title": {"text": "headroom: |a-b| / (atol + rtol*|b|), largest element"}}, yaxis={"automargin": True},
@@ -350,11 +411,13 @@ def steps_figure(section: Section) -> Optional[Any]:
             x=x, y=ys, mode="lines+markers", name=_e(path), customdata=custom, connectgaps=False,
             hovertemplate=_e(path) + "<br>step %{customdata[0]}<br>headroom %{customdata[1]}<br>max abs %{customdata[2]}<br>worst layer %{customdata[3]}<extra></extra>",
         ))
-    fig.add_hline(y=1.0, line={"color": "#9b1c1c", "dash": "dash"}, annotation_text="tolerance", annotation_position="top left")
+    fig.add_hline(y=1.0, line={"color": "#9b1c1c", "dash": "dash"})
+    fig.add_annotation(x=0.0, xref="paper", xanchor="left", y=0.0, yref="y", yanchor="bottom", showarrow=False, text="tolerance", font={"color": "#9b1c1c"})
     fig.update_layout(
         title={"text": "headroom per step (the leaves that drifted most)"}, height=420, margin={"l": 10, "r": 10, "t": 50, "b": 40},
         xaxis={"title": {"text": "step"}, "type": "linear" if numeric else "category", **({"tickvals": x} if numeric and len(x) <= 20 else {})},
-        yaxis={"type": "log", "title": {"text": "headroom"}, "exponentformat": "power"}, plot_bgcolor="white", legend={"font": {"size": 10}},
+        yaxis={"type": "log", "title": {"text": "headroom"}, "exponentformat": "power"}, plot_bgcolor="white",
+        showlegend=True, legend={"font": {"size": 10}},  # plotly hides a one-line legend: the line would name no leaf
     )
     return fig
 
@@ -411,10 +474,26 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #d0d0d8; padding: 2px 6px; text-align: left; vertical-align: top; }
 th { background: #f2f2f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+table.mismatches { max-width: 100%; }
+table.mismatches td { overflow-wrap: break-word; }
+h2 .which { font-weight: normal; font-size: 0.8em; color: #444; }
+ul.notes { color: #333; font-size: 0.9em; padding-left: 1.2em; }
 .note { color: #555; font-size: 0.9em; }
 .figure { margin: 1em 0; }
 """
+
+
+def _breakable(text: str) -> str:
+    """Escaped, with line-break opportunities after `/` and `::`: a long path or test id wraps
+    between its names instead of pushing the table out of the window."""
+    return _e(text).replace("::", "::<wbr>").replace("/", "/<wbr>")
+
+
+def _nowrap(text: str) -> str:
+    """Escaped and kept on one line (a number, a shape, `atol=1e-05`). Inline style: the table
+    also sits in pytest-html reports, which do not have this page's CSS."""
+    return f'<span style="white-space:nowrap">{_e(text)}</span>'
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:
@@ -467,9 +546,10 @@ def _located(leaf: dict[str, Any]) -> str:
 
 
 def _shape_dtype(leaf: dict[str, Any]) -> str:
+    """HTML: `float32 (2, 16, 32)`, or both sides' when they differ, each kept on one line."""
     a = f"{leaf.get('dtype_a')} {tuple(leaf['shape_a'])}" if leaf.get("shape_a") is not None else "-"
     b = f"{leaf.get('dtype_b')} {tuple(leaf['shape_b'])}" if leaf.get("shape_b") is not None else "-"
-    return a if a == b else f"{a} vs {b}"
+    return _nowrap(a) if a == b else f"{_nowrap(a)} vs {_nowrap(b)}"
 
 
 def _kind(leaf: dict[str, Any], names: tuple[str, ...]) -> str:
@@ -482,10 +562,14 @@ def _kind(leaf: dict[str, Any], names: tuple[str, ...]) -> str:
 
 
 def _tolerance(leaf: dict[str, Any]) -> str:
+    """HTML: `atol=1e-05, rtol=1.3e-06`, wrapping only between the two."""
     t = leaf.get("tolerance") or {}
     if not t:
         return "-"
-    return "exact" if t.get("exact") else f"atol={_num(t.get('atol')):g}, rtol={_num(t.get('rtol')):g}"
+    if t.get("exact"):
+        return "exact"
+    atol, rtol = _num(t.get("atol")), _num(t.get("rtol"))
+    return f"{_nowrap(f'atol={atol:g},')} {_nowrap(f'rtol={rtol:g}')}"
 
 
 def mismatch_table(records: list[dict[str, Any]], names: tuple[str, ...], *, max_rows: int = TABLE_ROWS, tests: bool = True) -> str:
@@ -495,25 +579,33 @@ def mismatch_table(records: list[dict[str, Any]], names: tuple[str, ...], *, max
     rows = [(r, leaf) for r in records for leaf in r.get("leaves") or [] if not leaf.get("ok")]
     if not rows:
         return '<p class="note">No leaf differs.</p>'
-    head = (["step"] if with_steps else []) + (["test"] if with_tests else []) + ["path", "kind", "shape / dtype", "elements differ", "max abs", "max rel", "headroom", "tolerance"]
-    out = ["<table class=\"mismatches\"><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    by_stats = {id(r): compared_with_fingerprint(r) for r in records}  # once per record, not per row
+    figured = any((leaf.get("stats") or {}) and not by_stats[id(r)] for r, leaf in rows)
+    figures = ["elements differ", "max abs", "max rel", "headroom"] if figured else [
+        "statistics that moved" if any(by_stats[id(r)] for r, _ in rows) else "notes"]
+    head = (["step"] if with_steps else []) + (["test"] if with_tests else []) + ["path", "kind", "shape / dtype", *figures, "tolerance"]
+    span = {} if figured else {figures[0]: ' colspan="4"'}  # one column of notes under the four figures' place
+    out = ['<table class="mismatches"><tr>' + "".join(f"<th{span.get(h, '')}>{h}</th>" for h in head) + "</tr>"]
     for r, leaf in rows[:max_rows]:
         s = leaf.get("stats") or {}
         h = _num(s.get("headroom"))
         cells: list[tuple[str, str]] = [("", _e(step_label(r.get("steps")) or "-"))] if with_steps else []
         if with_tests:
-            cells.append(("", _e(str(r.get("test") or "-")) + (" (expected to fail)" if r.get("expected_failure") else "")))
-        cells += [("", _e(_located(leaf))), ("", _e(_kind(leaf, names))), ("", _e(_shape_dtype(leaf)))]
-        num = ' class="num"'
-        if s:
+            cells.append(("", _breakable(str(r.get("test") or "-")) + (" (expected to fail)" if r.get("expected_failure") else "")))
+        cells += [("", _breakable(_located(leaf))), ("", _e(_kind(leaf, names))), ("", _shape_dtype(leaf))]
+        num = ' class="num" style="white-space:nowrap"'
+        if s and not by_stats[id(r)]:
             total = int(s.get("n_total") or 0)
             n = int(s.get("n_mismatch") or 0)
             pct = f" ({100.0 * n / total:.3g}%)" if total else ""
+            bg = headroom_color(h)
             cells += [(num, f"{n}/{total}{pct}"), (num, _fmt(_num(s.get("max_abs")))), (num, _fmt(_num(s.get("max_rel")))),
-                      (f'{num} style="background:{headroom_color(h)}"', _fmt(h))]
+                      (f'{num[:-1]};background:{bg};color:{text_color(bg)}"', _fmt(h))]
         else:
-            cells += [(num, "-")] * 4
-        cells.append(("", _e(_tolerance(leaf))))
+            # No elementwise figures: against a fingerprint the notes say which statistics moved
+            # (its 0/N and 0 headroom would read as "identical"); a structural mismatch has none.
+            cells.append((' colspan="4" class="why"', _e("; ".join(str(n) for n in leaf.get("notes") or []) or "-")))
+        cells.append(("", _tolerance(leaf)))
         out.append("<tr>" + "".join(f"<td{attrs}>{text}</td>" for attrs, text in cells) + "</tr>")
     out.append("</table>")
     if len(rows) > max_rows:
@@ -525,12 +617,34 @@ def _figure_div(fig: Any, div_id: str) -> str:
     return '<div class="figure">' + fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False}) + "</div>"
 
 
-def _section_html(i: int, section: Section) -> str:
+def _which(i: int, section: Section) -> str:
+    """What tells a section apart from others of the same names: its test, else its number."""
+    tests = section.tests
+    if not tests:
+        return f"comparison {i + 1}"
+    return tests[0] + (f" and {len(tests) - 1} more test{'s' if len(tests) > 2 else ''}" if len(tests) > 1 else "")
+
+
+def _no_bars_sentence(records: list[dict[str, Any]], at: str) -> str:
+    """Why there is no bar chart: never "identical" when a leaf failed."""
+    if any(r.get("values_compared") is False for r in records):
+        return f"Values were not compared{at} (structure only), so there is no drift to draw."
+    if any(not leaf.get("ok") for r in records for leaf in r.get("leaves") or []):
+        return f"No value compared element by element has drifted{at}; the leaves below differ in structure (see their kind)."
+    return f"Every compared value is identical{at}: no leaf has drifted."
+
+
+def _section_html(i: int, section: Section, which: str = "") -> str:
     na, nb = (list(section.names) + ["A", "B"])[:2]
     step = section.last_step if len(section.steps) > 1 else None
     at = f" at step {step}" if step is not None else ""
     verdict = "parity" if section.passed else "parity failed"
-    parts = [f'<section id="pair-{i}"><h2>{_e(na)} vs {_e(nb)}: <span class="verdict-{"pass" if section.passed else "fail"}">{verdict}</span></h2>', _sides(section)]
+    label = f' <span class="which">({_breakable(which)})</span>' if which else ""
+    parts = [f'<section id="pair-{i}"><h2>{_e(na)} vs {_e(nb)}{label}: <span class="verdict-{"pass" if section.passed else "fail"}">{verdict}</span></h2>', _sides(section)]
+    notes = section.notes()
+    if notes:
+        more = [f"... and {len(notes) - NOTES_SHOWN} more (the JSON report holds them all)"] if len(notes) > NOTES_SHOWN else []
+        parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in notes[:NOTES_SHOWN] + more) + "</ul>")
     first = first_step_outside(section) if len(section.steps) > 1 else None
     if first is not None:
         from pytest_ckptparity.trajectory import drift_line
@@ -547,12 +661,17 @@ def _section_html(i: int, section: Section) -> str:
                 parts.append(_figure_div(fig, f"{kind}-{i}"))
     records = section.records_at(step)
     grid = layer_grid(records)
-    if grid:
+    if section.with_fingerprint:
+        parts.append(f'<p class="note fingerprint"><b>{STATISTICS_ONLY[0].upper() + STATISTICS_ONLY[1:]}</b>: each leaf and layer was '
+                     "compared by its count, NaN and inf counts, min, max, mean, std and norms, so there is no per-layer heatmap and no "
+                     "headroom chart; the table says which statistics moved.</p>")
+    elif grid:
         parts.append(_figure_div(heatmap_figure(grid, f"headroom by layer{at}: |a-b| / (atol + rtol*|b|), grey = identical"), f"heatmap-{i}"))
     else:
         parts.append('<p class="note">No layer stacks were compared here, so there is no per-layer heatmap.</p>')
-    bars = worst_leaves_figure(leaf_figures(records), f"the {WORST_LEAVES} leaves closest to or beyond tolerance{at}")
-    parts.append(_figure_div(bars, f"worst-{i}") if bars is not None else '<p class="note">Every compared value is identical: no leaf has drifted.</p>')
+    if not section.with_fingerprint:
+        bars = worst_leaves_figure(leaf_figures(records), f"the {WORST_LEAVES} leaves closest to or beyond tolerance{at}")
+        parts.append(_figure_div(bars, f"worst-{i}") if bars is not None else f'<p class="note">{_e(_no_bars_sentence(records, at))}</p>')
     parts.append(f"<h3>Mismatches{' (every step)' if len(section.steps) > 1 else ''}</h3>")
     parts.append(mismatch_table(section.records, section.names))
     parts.append("</section>")
@@ -568,7 +687,8 @@ def render_page(document: dict[str, Any]) -> str:
     body = [f"<h1>Checkpoint parity: drift report</h1>", _summary(document)]
     if not secs:
         body.append('<p class="note">The report holds no comparison.</p>')
-    body += [_section_html(i, s) for i, s in enumerate(secs)]
+    shared = {n for n in (s.names for s in secs) if sum(1 for t in secs if t.names == n) > 1}
+    body += [_section_html(i, s, _which(i, s) if s.names in shared else "") for i, s in enumerate(secs)]
     title = "checkpoint parity" + (" (failed)" if not (document.get("totals") or {}).get("passed", True) else "")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -603,8 +723,11 @@ def item_fragment(records: list[dict[str, Any]]) -> str:
         step = step_label(r.get("steps"))
         verdict = "parity" if r.get("passed") else "parity failed"
         colour = "#1a7f37" if r.get("passed") else "#b31d28"
-        line = f"{t.get('leaves_compared', 0)} leaves, {t.get('leaves_mismatched', 0)} differ, headroom {_fmt(_num(t.get('headroom')))}"
+        figures = STATISTICS_ONLY if compared_with_fingerprint(r) else f"headroom {_fmt(_num(t.get('headroom')))}"
+        line = f"{t.get('leaves_compared', 0)} leaves, {t.get('leaves_mismatched', 0)} differ, {figures}"
         out.append(f'<p><b style="color:{colour}">{verdict}</b> {_e(names[0])} vs {_e(names[-1])}' + (f" at step {_e(step)}" if step else "") + f": {_e(line)}</p>")
+        for note in r.get("notes") or []:
+            out.append(f'<p style="margin:0 0 0 1em;font-size:90%">{_e(str(note))}</p>')
         grid = layer_grid([r])
         if grid:
             rows = sorted(grid.items(), key=lambda kv: -max((v[2] for v in kv[1].values()), default=0.0))[:FRAGMENT_ROWS]

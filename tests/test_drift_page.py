@@ -35,9 +35,14 @@ def figure_data(page: str, div_id: str) -> list[dict]:
 
 
 def page_without_plotlyjs(page: str) -> str:
-    """The page's own HTML: everything but the embedded plotly.js bundle."""
+    """The page's own HTML: everything but the embedded plotly.js bundle, and without the
+    line-break hints (`<wbr>` after `/` and `::`, tested on their own) so text reads whole."""
     head_end = page.index("</script></head>")
-    return page[: page.index("<script", 0)] + page[head_end:]
+    return unwrapped(page[: page.index("<script", 0)] + page[head_end:])
+
+
+def unwrapped(markup: str) -> str:
+    return markup.replace("<wbr>", "")
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +310,7 @@ def test_pytest_html_report_carries_each_items_picture(pytester, demo_ckpts, xdi
     assert "<b style=\"color:#1a7f37\">parity</b>" in passing and "mismatches" not in passing
     # A user's failing helper call has its picture; a passing one adds nothing.
     (user,) = extras["test_user.py::test_migration_fails"]
-    assert "linen vs nnx" in user["content"] and f"{WI0} [layer 1]" in user["content"]
+    assert "linen vs nnx" in user["content"] and f"{WI0} [layer 1]" in unwrapped(user["content"])
     assert extras["test_user.py::test_migration_passes"] == []
 
 
@@ -446,3 +451,205 @@ def test_an_identical_pair_shows_every_row_and_layer_in_chromium(chromium, demo_
     assert len(rows) == 27 and WI0 in rows
     assert layers == ["0", "1"]
     assert chromium.errors == []
+
+
+# --------------------------------------------------------------------------------------
+# What a new user met: labels, fingerprints, wide tables, contrast, legends, headings
+# --------------------------------------------------------------------------------------
+
+
+def _at_1200px(chromium):
+    """The module's browser, narrowed to a 1200 px window for one test (restored after)."""
+    chromium.call("Emulation.setDeviceMetricsOverride", {"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+
+
+def _restore_width(chromium):
+    chromium.call("Emulation.setDeviceMetricsOverride", {"width": chromium.size[0], "height": chromium.size[1], "deviceScaleFactor": 1, "mobile": False})
+
+
+def _wait_drawn(chromium, n: int) -> None:
+    chromium.wait_for(f"document.querySelectorAll('.js-plotly-plot').length === {n} && "
+                      "Array.from(document.querySelectorAll('.js-plotly-plot')).every(gd => gd._fullData)")
+
+
+def _rgb(css: str) -> str:
+    """`rgb(1, 2, 3)` -> `#010203`."""
+    r, g, b = (int(v) for v in re.findall(r"\d+", css)[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+LABEL_AND_LINE_JS = """
+((id) => {
+  const gd = document.getElementById(id);
+  const lines = Array.from(gd.querySelectorAll('.shapelayer path')).map(p => p.getBoundingClientRect());
+  const labels = Array.from(gd.querySelectorAll('.annotation')).filter(a => a.textContent === 'tolerance').map(a => a.querySelector('.annotation-text').getBoundingClientRect());
+  const box = r => ({left: r.left, right: r.right, top: r.top, bottom: r.bottom, cx: (r.left + r.right) / 2, cy: (r.top + r.bottom) / 2});
+  return {lines: lines.map(box), labels: labels.map(box)};
+})
+"""
+
+
+@pytest.fixture(scope="module")
+def one_leaf_steps_document(drift_runs) -> dict:
+    """The runs of `drift_runs` compared on mlp/wo alone: one leaf drifts, at steps 2-4."""
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import comparison_record, json_document
+
+    records = [comparison_record(compare_checkpoints(drift_runs["a"], drift_runs["b"], step=s, include=WO)) for s in STEPS]
+    return json_document(records, tool="test")
+
+
+def test_tolerance_labels_sit_at_their_dashed_lines_and_one_leaf_has_a_legend(chromium, demo_page, one_leaf_steps_document, tmp_path):
+    """On log axes plotly reads annotation positions as log10: a label given at 1 lands at 10."""
+    from browser import FIGURES_JS
+
+    chromium.open(demo_page["page"])
+    _wait_drawn(chromium, 2)
+    at = chromium.evaluate(LABEL_AND_LINE_JS + "('worst-0')")
+    (line,), (label,) = at["lines"], at["labels"]
+    assert abs(label["cx"] - line["cx"]) < 3, at  # centred on the line at 1, not a decade right of it
+    assert label["bottom"] <= line["top"] + 1  # above the plot, where the line starts
+    page = tmp_path / "one-leaf.html"
+    dp.write_page(one_leaf_steps_document, str(page))
+    chromium.open(page)
+    _wait_drawn(chromium, 4)
+    at = chromium.evaluate(LABEL_AND_LINE_JS + "('steps-0')")
+    (line,), (label,) = at["lines"], at["labels"]
+    assert 0 <= line["cy"] - label["bottom"] < 6, at  # sitting on the line at 1, not on 10
+    assert label["left"] - line["left"] < 10
+    # One drifted leaf: its line is still named (plotly hides a legend of one trace by default).
+    figures = {f["id"]: f for f in chromium.evaluate(FIGURES_JS)}
+    assert figures["steps-0"]["lines"] == 1
+    assert chromium.evaluate("Array.from(document.querySelectorAll('#steps-0 .legend .traces')).map(t => t.textContent)") == [WO]
+    assert chromium.errors == []
+
+
+def test_against_a_fingerprint_the_page_says_statistics_only_and_shows_what_moved(demo_ckpts, tmp_path, capsys):
+    from pytest_ckptparity.fingerprint import take_fingerprint, write_fingerprint
+
+    golden = write_fingerprint(take_fingerprint(demo_ckpts["linen"]), tmp_path / "linen.json")
+    page, report = tmp_path / "fp.html", tmp_path / "fp.json"
+    from pytest_ckptparity import CkptParityWarning
+
+    with pytest.warns(CkptParityWarning, match="2 leaves are not bit-identical to the fingerprint"):
+        assert cli.main([demo_ckpts["nnx_drift"], str(golden), "--html", str(page), "--report", str(report), "--color", "no"]) == cli.EXIT_MISMATCH
+    capsys.readouterr()
+    (record,) = json.loads(report.read_text())["comparisons"]
+    (failing,) = [l for l in record["leaves"] if not l["ok"]]
+    assert failing["kind"] == "statistics" and failing["stats"]["n_mismatch"] == 0 and failing["stats"]["headroom"] == 0
+    own = page_without_plotlyjs(page.read_text())
+    # No "identical" next to "parity failed", no element figures that are not there, no empty charts.
+    assert "parity failed" in own and "identical" not in own.lower().replace("not bit-identical", "")
+    assert "<b>Compared with a fingerprint: statistics only, no per-element figures</b>" in own
+    assert '"heatmap-0"' not in page.read_text() and '"worst-0"' not in page.read_text()
+    # The failing row says which statistics moved, in place of 0/1024 and a grey 0.
+    table = own[own.index('<table class="mismatches">'):]
+    assert '<th colspan="4">statistics that moved</th>' in table and "0/1024" not in table and "background:" not in table
+    assert f'<td>{WI0} [layer 1]</td><td>statistics</td>' in table
+    assert '<td colspan="4" class="why">layer 1: mean ' in table and "(moved +0.000977, allowed 1.03e-05)" in table
+    # The comparison's header notes: two leaves of the optimizer state are not bit-identical.
+    (note,) = record["notes"]
+    assert note.startswith("2 leaves are not bit-identical to the fingerprint")
+    assert f'<ul class="notes"><li>{html.escape(note)}</li></ul>' in own
+    # The pytest-html picture says the same.
+    fragment = dp.item_fragment([record])
+    assert f"39 leaves, 1 differ, {dp.STATISTICS_ONLY}" in fragment and "headroom 0" not in fragment
+    assert html.escape(note) in fragment and "layer 1: mean " in fragment
+
+
+def test_header_notes_show_for_every_comparison_and_a_structural_failure_is_not_identical(demo_ckpts):
+    import numpy as np
+
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import comparison_record, json_document
+
+    noted = comparison_record(compare_checkpoints(demo_ckpts["linen"], demo_ckpts["nnx"], exclude="no_such_group/**", names=("linen", "nnx")))
+    shapes = comparison_record(compare_checkpoints({"params": {"w": np.zeros(3, np.float32)}}, {"params": {"w": np.zeros(4, np.float32)}}, names=("3", "4")))
+    assert noted["passed"] and noted["notes"] == ["exclude glob 'no_such_group/**' matched nothing (top-level groups: opt_state, params, step)"]
+    own = page_without_plotlyjs(dp.render_page(json_document([noted, shapes], tool="test")))
+    first, second = own.split('<section id="pair-1">')
+    assert f'<ul class="notes"><li>{html.escape(noted["notes"][0])}</li></ul>' in first
+    assert "Every compared value is identical: no leaf has drifted." in first
+    # Only a shape differs: no value drifted, but the page must not call the pair identical.
+    assert "identical" not in second and "parity failed" in second
+    assert "No value compared element by element has drifted; the leaves below differ in structure (see their kind)." in second
+    assert "<td>params/w</td><td>shape</td>" in second
+
+
+def test_the_mismatch_table_of_a_pytest_run_fits_a_1200px_window(chromium, demo_ckpts, tmp_path):
+    from pytest_ckptparity.api import compare_checkpoints
+    from pytest_ckptparity.report import comparison_record, json_document
+
+    long_id = "tests/integration/test_migration_matrix.py::test_linen_checkpoint_restores_into_nnx_with_parity[llama-7b-scanned-to-unrolled]"
+    record = comparison_record(compare_checkpoints(demo_ckpts["linen"], demo_ckpts["nnx_drift"]), test=long_id)
+    page = tmp_path / "pytest.html"
+    dp.write_page(json_document([record], tool="pytest"), str(page))
+    _at_1200px(chromium)
+    try:
+        chromium.open(page)
+        _wait_drawn(chromium, 2)
+        widths = chromium.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth, "
+                                   "document.querySelector('table.mismatches').getBoundingClientRect().right]")
+        assert widths[0] <= widths[1] <= 1200 and widths[2] <= widths[1], widths
+        # Numbers and tolerances stay whole: each on one line (a range over a wrapped text has two boxes).
+        lines = chromium.evaluate("""Array.from(document.querySelectorAll('table.mismatches td.num, table.mismatches span[style*="nowrap"]')).map(e => {
+            const r = document.createRange(); r.selectNodeContents(e); return [e.textContent, r.getClientRects().length]; })""")
+        assert {"atol=1e-05,", "rtol=1.3e-06", "4.87e+04", "1/1024 (0.0977%)"} <= {t for t, _ in lines}
+        assert [t for t, n in lines if n != 1] == []
+        heading = chromium.evaluate("document.querySelector('table.mismatches th:last-child').textContent")
+        assert heading == "tolerance"
+        assert chromium.errors == []
+    finally:
+        _restore_width(chromium)
+    # It wraps long test ids and paths between their names.
+    raw = page.read_text()
+    assert "test_migration_matrix.py::<wbr>test_linen" in raw and "params/<wbr>decoder/<wbr>layers" in raw
+
+
+def test_headroom_cells_have_readable_text_on_every_colour(chromium, demo_page):
+    # Over the whole colour scale, black or white text reaches 4.5:1 (WCAG body text).
+    for e in range(-800, 700):
+        bg = dp.headroom_color(10 ** (e / 100))
+        assert dp.contrast_ratio(dp.text_color(bg), bg) >= 4.5, (e, bg)
+    assert dp.text_color(dp.headroom_color(48741.84)) == "#ffffff" and dp.text_color(dp.headroom_color(50)) == "#000000"
+    # The page as Chromium paints it: the headroom cells' text against their background.
+    chromium.open(demo_page["page"])
+    _wait_drawn(chromium, 2)
+    cells = chromium.evaluate("Array.from(document.querySelectorAll('table.mismatches td')).filter(td => td.style.background)"
+                              ".map(td => [td.textContent, getComputedStyle(td).color, getComputedStyle(td).backgroundColor])")
+    assert {t for t, _, _ in cells} == {"50", "4.87e+04"}
+    for text, fg, bg in cells:
+        assert dp.contrast_ratio(_rgb(fg), _rgb(bg)) >= 4.5, (text, fg, bg)
+    # The pytest-html picture sets its own text colour (that report's CSS colours cells grey).
+    fragment = dp.item_fragment(demo_page["doc"]["comparisons"])
+    coloured = re.findall(r'<td[^>]*background:(#[0-9a-f]{6});color:(#[0-9a-f]{6})[^>]*>([^<]+)</td>', fragment)
+    assert sorted(t for _, _, t in coloured) == ["4.87e+04", "50"]
+    assert all(dp.contrast_ratio(fg, bg) >= 4.5 for bg, fg, _ in coloured)
+    texted = re.findall(r'<td[^>]*background:[^>]*>([^<]+)</td>', fragment)
+    assert len(texted) == len(coloured)  # every cell with a background and text has its colour
+
+
+SAME_NAMES_TESTS = """
+from pytest_ckptparity import assert_ckpt_parity
+
+def test_linen_to_nnx():
+    assert_ckpt_parity({linen!r}, {drift!r})
+
+def test_nnx_to_nnx():
+    assert_ckpt_parity({nnx!r}, {drift!r})
+"""
+
+
+@pytest.mark.parametrize("xdist", XDIST)
+def test_sections_of_the_same_names_are_told_apart_by_their_test(pytester, demo_ckpts, xdist):
+    pytester.makepyfile(test_user=SAME_NAMES_TESTS.format(linen=demo_ckpts["linen"], drift=demo_ckpts["nnx_drift"], nnx=demo_ckpts["nnx"]))
+    result = run(pytester, "test_user.py", "--ckpt-html=drift.html", *xdist)
+    assert result.ret == 1
+    own = page_without_plotlyjs((pytester.path / "drift.html").read_text())
+    headings = sorted(re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<h2>(.*?)</h2>", own))
+    assert headings == ["A vs B (test_user.py::test_linen_to_nnx): parity failed", "A vs B (test_user.py::test_nnx_to_nnx): parity failed"]
+
+
+def test_an_empty_html_path_is_said_to_be_empty(capsys):
+    assert cli.main(["/does/not/exist", "/nor/this", "--html", ""]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip() == "ckptparity: error: --html '': the path is empty; give the page a file name, such as 'report.html'."
