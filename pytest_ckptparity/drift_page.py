@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from pytest_ckptparity._model import FINGERPRINT
+from pytest_ckptparity._outputs import check_output_file
 from pytest_ckptparity.errors import CkptParityUsageError
 
 INSTALL_HINT = "pip install 'pytest-ckptparity[html]'"
@@ -54,15 +54,8 @@ def require_plotly() -> None:
 
 
 def check_output_path(path: str, option: str) -> None:
-    """A page path whose folder is missing, or that is a folder, is a usage error up front."""
-    if not str(path):
-        raise CkptParityUsageError(f"{option} '': the path is empty; give the page a file name, such as 'report.html'.")
-    p = Path(path)
-    if p.is_dir():
-        raise CkptParityUsageError(f"{option} {path!r} is a directory; give a file name such as {os.path.join(path, 'report.html')!r}.")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise CkptParityUsageError(f"{option} {path!r}: the directory {str(parent)!r} does not exist; create it or write the page elsewhere.")
+    """A page path that is empty, a folder, or in a missing folder is a usage error up front."""
+    check_output_file(path, option, "report.html", thing="page")
 
 
 # --------------------------------------------------------------------------------------
@@ -121,7 +114,10 @@ def _pair_locations(record: dict[str, Any]) -> tuple[str, ...]:
 
 def compared_with_fingerprint(record: dict[str, Any]) -> bool:
     """A side of the comparison was a fingerprint: each leaf's (and layer's) statistics were
-    compared, not its elements, so the record has no elementwise figures (its 0s mean nothing)."""
+    compared, not its elements, so the record has no elementwise figures (its 0s mean nothing).
+    Records say so (`statistics_only`); older documents are recognised by a side's layout."""
+    if record.get("statistics_only"):
+        return True
     return any(str(layout).startswith(FINGERPRINT_LAYOUT) for layout in record.get("layouts") or ()) or any(
         leaf.get("kind") == FINGERPRINT for leaf in record.get("leaves") or ())
 
@@ -684,7 +680,7 @@ def render_page(document: dict[str, Any]) -> str:
     from plotly.offline import get_plotlyjs
 
     secs = sections(document)
-    body = [f"<h1>Checkpoint parity: drift report</h1>", _summary(document)]
+    body = ["<h1>Checkpoint parity: drift report</h1>", _summary(document)]
     if not secs:
         body.append('<p class="note">The report holds no comparison.</p>')
     shared = {n for n in (s.names for s in secs) if sum(1 for t in secs if t.names == n) > 1}

@@ -130,7 +130,7 @@ def _check_report_option(config: pytest.Config) -> None:
 def _check_html_option(config: pytest.Config) -> None:
     """--ckpt-html: plotly present and a place to write, before any test runs."""
     path = config.getoption("ckpt_html", None)
-    if path and not _is_worker(config):
+    if path is not None and not _is_worker(config):
         from pytest_ckptparity.drift_page import check_output_path, require_plotly
         from pytest_ckptparity.errors import CkptParityUsageError
 

@@ -244,3 +244,14 @@ def test_a_scan_axis_beyond_every_stacked_array_is_a_usage_error(demo_ckpts):
     code, err = cli(demo_ckpts["linen"], demo_ckpts["nnx"], "--scan-axis", "5")
     assert code == 2 and "scan_axis 5 is beyond every array of the layer stacks" in err
     assert assert_ckpt_parity(demo_ckpts["linen"], demo_ckpts["nnx"], scan_axis=(1, 0)).passed
+
+
+@pytest.mark.parametrize("option,message", [
+    ("--ckpt-report=", "*--ckpt-report '': the path is empty; give the file a file name, such as 'report.json'.*"),
+    ("--ckpt-html=", "*--ckpt-html '': the path is empty; give the page a file name, such as 'report.html'.*"),
+])
+def test_an_empty_output_option_in_pytest_is_a_usage_error(pytester, samples, option, message):
+    """`--ckpt-html=` used to be skipped silently: an empty path is a typo too."""
+    result = pytester.runpytest(f"--ckpt-a={samples['maxtext_decode_scan']}", f"--ckpt-b={samples['maxtext_decode_scan']}", option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
