@@ -1,4 +1,4 @@
-"""Mutation testing of the verdict-making modules (normalize, diff, sources), in bounded time.
+"""Mutation testing of the verdict-making modules (normalize, kernel, read_plan, diff, sources), in bounded time.
 
 Two parts:
 

@@ -233,7 +233,9 @@ def diff_with_fingerprint(
         comparable = cast_to is None or _kind(cast_to) != "float"
         ok, why, layers, worst, changed, res = _compare_leaf(path, pa, pb, tol, comparable, layer_range, opts.equal_nan)
         count = pa.stats.count if layer_range is None else sum(pa.layer_stats[i].count for i in range(*layer_range))
-        if ok and changed:
+        if ok and changed and not comparable:  # a cast changes every bit: expected, so no warning
+            notes = notes + (f"{NOT_BIT_IDENTICAL_NOTE} (compared as {cast_to}: a cast changes the bits); statistics within tolerance",)
+        elif ok and changed:
             notes = notes + (f"{NOT_BIT_IDENTICAL_NOTE}{_units_text(changed)}; statistics within tolerance (single-element resolution {res:.3g})",)
             loose.append((path + _units_text(changed), res))
         results[slot] = LeafResult(

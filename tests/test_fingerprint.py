@@ -86,8 +86,15 @@ def test_maxtext_samples_against_fingerprints(samples, tmp_path):
     assert len(ds.leaves) == 12 and {p: l.digest for p, l in ds.leaves.items()} == {p: l.digest for p, l in du.leaves.items()}
     # They are the scanned training weights cast to bf16: within bf16's tolerance of its fingerprint.
     golden = write_fingerprint(take_fingerprint(samples["maxtext_nnx_scan"]), tmp_path / "nnx_scan.json")
-    report = compare_checkpoints(samples["maxtext_decode_unroll"], str(golden), dtype_policy="cast", include="params")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cast changes every bit by design: no "not bit-identical" warning
+        report = compare_checkpoints(samples["maxtext_decode_unroll"], str(golden), dtype_policy="cast", include="params")
     assert report.passed and len(report.results) == 12
+    cast = [r for r in report.results if r.dtype_a != r.dtype_b]
+    assert cast and all(any(n.startswith("not bit-identical (compared as bfloat16: a cast changes the bits)") for n in r.notes) for r in cast)
+    assert not any("not bit-identical to the fingerprint" in n for n in report.notes)
     # The unscanned sample was initialised from another seed: every weight leaf fails, per layer.
     report = compare_checkpoints(samples["maxtext_nnx_noscan"], str(golden), include="params")
     bad = {r.path: r.stats.mismatched_layers for r in report.mismatches}
