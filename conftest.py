@@ -110,3 +110,41 @@ def two_steps(tmp_path_factory: pytest.TempPathFactory) -> str:
     ex.save(root, {"params": {"w": np.full(3, 2.0, np.float32), "n": np.arange(3)}}, step=5)
     (root / "9.orbax-checkpoint-tmp-123").mkdir()
     return str(root)
+
+
+# A sharded over 8 devices by rows, B by columns (orbax, 8 fake CPU devices in a child
+# process, so this process's jax keeps its own device count): the two chunk grids cut the
+# array on different axes, so their common block is the whole array and a budget smaller
+# than it forces slabs that cut B's chunks. Two planted variants of B: a difference in the
+# first and the last slab (`planted_ends`), one in the second slab, B's last column chunk
+# (`planted_mid`).
+MESH_WRITER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pytest_ckptparity import examples as ex
+
+root = sys.argv[1]
+mesh = Mesh(np.array(jax.devices()), ("x",))
+w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+ends, mid = w.copy(), w.copy()
+ends[0, 0] += 1.0     # in the first slab
+ends[63, 47] -= 1.0   # in the last slab
+mid[9, 40] += 1.0     # in the second slab, the last column chunk of B
+for name, value, spec in (("rows", w, P("x", None)), ("cols", w, P(None, "x")),
+                          ("planted_ends", ends, P(None, "x")), ("planted_mid", mid, P(None, "x"))):
+    ex.save(os.path.join(root, name), {"w": jax.device_put(value, NamedSharding(mesh, spec))}, step=0)
+"""
+
+
+@pytest.fixture(scope="session")
+def two_meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One 64x48 float32 array written from two meshes (see MESH_WRITER), once per run."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("meshes")
+    subprocess.run([sys.executable, "-c", MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
+    return {name: str(root / name) for name in ("rows", "cols", "planted_ends", "planted_mid")}

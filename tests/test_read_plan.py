@@ -120,35 +120,10 @@ def test_reading_as_stored_gives_the_report_of_the_layer_first_reading(tmp_path,
     assert any(d.headroom > 0 for r in layered for d in r.stats.layer_drift)
 
 
-# A sharded over 8 devices by rows, B by columns (orbax, 8 fake CPU devices in a child
-# process): the two chunk grids cut the array on different axes, so a budget smaller than
-# the whole array forces slabs that cut B's chunks.
-MESH_WRITER = r"""
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
-import jax, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from pytest_ckptparity import examples as ex
-
-root = sys.argv[1]
-mesh = Mesh(np.array(jax.devices()), ("x",))
-w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
-planted = w.copy()
-planted[9, 40] += 1.0   # in the second slab, the last column chunk of B
-for name, value, spec in (("rows", w, P("x", None)), ("cols", w, P(None, "x")), ("cols_planted", planted, P(None, "x"))):
-    ex.save(os.path.join(root, name), {"w": jax.device_put(value, NamedSharding(mesh, spec))}, step=0)
-"""
-
-
 @pytest.fixture(scope="module")
-def meshes(tmp_path_factory):
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("meshes")
-    subprocess.run([sys.executable, "-c", MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
-    return {name: str(root / name) for name in ("rows", "cols", "cols_planted")}
+def meshes(two_meshes):
+    """Rows vs columns; `cols_planted` differs in the second slab (conftest.py's MESH_WRITER)."""
+    return {"rows": two_meshes["rows"], "cols": two_meshes["cols"], "cols_planted": two_meshes["planted_mid"]}
 
 
 class _InFlight:

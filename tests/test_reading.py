@@ -174,37 +174,10 @@ def test_decoded_bytes_held_stay_within_the_read_budget():
     assert max(alive for alive, _ in log) > 0  # readahead happened: reads overlapped
 
 
-# Two meshes: A sharded over 8 devices by rows, B by columns, so the two chunk grids cut
-# the array on different axes and their common block is the whole array.
-MESH_WRITER = r"""
-import os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ["JAX_PLATFORMS"] = "cpu"
-import jax, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from pytest_ckptparity import examples as ex
-
-root = sys.argv[1]
-mesh = Mesh(np.array(jax.devices()), ("x",))
-w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
-planted = w.copy()
-planted[0, 0] += 1.0     # in the first slab
-planted[63, 47] -= 1.0   # in the last slab
-for name, value, spec in (("rows", w, P("x", None)), ("cols", w, P(None, "x")), ("cols_planted", planted, P(None, "x"))):
-    ex.save(os.path.join(root, name), {"w": jax.device_put(value, NamedSharding(mesh, spec))}, step=0)
-"""
-
-
 @pytest.fixture(scope="module")
-def meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Checkpoints written by orbax from 8 (fake CPU) devices in a child process: this
-    process's jax keeps its own device count."""
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("meshes")
-    subprocess.run([sys.executable, "-c", MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
-    return {name: str(root / name) for name in ("rows", "cols", "cols_planted")}
+def meshes(two_meshes: dict[str, str]) -> dict[str, str]:
+    """Rows vs columns; `cols_planted` differs in the first and the last slab (conftest.py's MESH_WRITER)."""
+    return {"rows": two_meshes["rows"], "cols": two_meshes["cols"], "cols_planted": two_meshes["planted_ends"]}
 
 
 class _ReadLog:
