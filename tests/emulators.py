@@ -16,8 +16,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 START_TIMEOUT_S = 60.0
 # Any values do: moto accepts every key. Set in the tests' own environment and subprocesses.
@@ -138,3 +139,27 @@ class GCSEmulator:
 
     def stop(self) -> None:
         stop(self.proc)
+
+
+@contextmanager
+def running_emulators() -> Iterator[tuple["S3Emulator", "GCSEmulator"]]:
+    """Both emulators, with this process's environment pointing at them for the duration;
+    afterwards the environment is restored and both are stopped by their process id."""
+    s3 = gcs = None
+    old: dict[str, Optional[str]] = {}
+    try:
+        s3 = S3Emulator()  # assigned before the next start, so a failing start still stops it
+        gcs = GCSEmulator()
+        env = {**s3.env(), **gcs.env()}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield s3, gcs
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for store in (s3, gcs):
+            if store is not None:
+                store.stop()

