@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from pytest_ckptparity import _native
 from pytest_ckptparity._model import ArrayInfo
 from pytest_ckptparity._paths import KeyPath, in_scope
 from pytest_ckptparity.kernel import PIECE_ELEMENTS, _itemsize, _pieces, _pool
@@ -195,11 +196,41 @@ def _digest(x: np.ndarray, base: int, strides: tuple[int, ...]) -> int:
 
 
 def _piece_acc(x: np.ndarray, base: int, strides: tuple[int, ...]) -> _Acc:
-    """Statistics and digest of one piece (at most PIECE_ELEMENTS elements)."""
+    """Statistics and digest of one piece (at most PIECE_ELEMENTS elements): in the native
+    kernel when it is built and takes the dtype, else with numpy (same digest)."""
     acc = _Acc()
     acc.count = int(x.size)
     if not x.size:
         return acc
+    lib = _native.library()
+    kind = _native.FINGERPRINT_KINDS.get(x.dtype.name) if lib is not None and x.dtype.byteorder != ">" else None
+    if kind is not None:
+        return _native_piece_acc(lib, kind, x, base, strides, acc)
+    return _numpy_piece_acc(x, base, strides, acc)
+
+
+def _native_piece_acc(lib: Any, kind: int, x: np.ndarray, base: int, strides: tuple[int, ...], acc: _Acc) -> _Acc:
+    import ctypes
+
+    ndim = x.ndim
+    dims = (ctypes.c_int64 * max(ndim, 1))(*x.shape)
+    bstrides = (ctypes.c_int64 * max(ndim, 1))(*x.strides)
+    estrides = (ctypes.c_int64 * max(ndim, 1))(*strides)
+    out_f = (ctypes.c_double * 6)()
+    out_i = (ctypes.c_int64 * 4)()
+    digest = ctypes.c_uint64()
+    if lib.ckpt_fingerprint_piece(x.ctypes.data, kind, ndim, dims, bstrides, estrides, base & _MASK, out_f, out_i, ctypes.byref(digest)):
+        return _numpy_piece_acc(x, base, strides, acc)
+    acc.digest = int(digest.value)
+    acc.nan, acc.posinf, acc.neginf, finite = (int(v) for v in out_i)
+    if finite:
+        acc.n = finite
+        total, acc.min, acc.max, acc.sum_abs, acc.sumsq, acc.m2 = (float(v) for v in out_f)
+        acc.mean = total / finite
+    return acc
+
+
+def _numpy_piece_acc(x: np.ndarray, base: int, strides: tuple[int, ...], acc: _Acc) -> _Acc:
     acc.digest = _digest(x, base, strides)
     y = _scratch(x.size, np.float64, 2)
     np.copyto(y, x.reshape(-1), casting="unsafe")  # exact for every float up to float64, bf16 and fp8 included
