@@ -1,16 +1,20 @@
-"""Benchmark: taking and checking a fingerprint against the read floor of one checkpoint.
+"""Benchmark: taking and checking a fingerprint, against the bounded read floor of one checkpoint.
 
-    python benchmarks/fingerprint_speed.py                  # the 1.1 GB pair of compare_speed.py
-    python benchmarks/fingerprint_speed.py --gb 0.3         # a smaller pair
-    python benchmarks/fingerprint_speed.py --chunk-mb 64    # chunks capped, as MaxText can
+    python benchmarks/fingerprint_speed.py                  # A of sharded_speed.py: 8 shards, 1.5 GB
+    python benchmarks/fingerprint_speed.py --gb 4.5         # the same model at 3x (82 layers)
+    python benchmarks/fingerprint_speed.py --one-chunk --gb 0.3   # compare_speed.py's one-chunk-per-array checkpoint
 
-Uses the pairs `compare_speed.py` writes (reused under /tmp/ckptbench when present) and runs
-every contender in its own process, alternating, `--repeat` times (median wall time, highest
-peak RSS from wait4):
+The checkpoint is A of `sharded_speed.py` (a MaxText-like TrainState written from 8 fake
+devices, one stored chunk per shard; reused under /tmp/ckptbench-sharded when present), or
+with `--one-chunk` A of `compare_speed.py`. Every contender runs in its own process, the
+contenders alternate in each of `--repeat` rounds; reported are the median wall time
+(min-max), the median CPU seconds (user + sys, less sensitive to other load) and the peak RSS:
 
-  floor        read and decode every array of A through tensorstore, all reads in flight
-  fingerprint  `ckptparity fingerprint A -o A.json` (one pass over A: statistics + digests)
-  check        `ckptparity A A.json` (fingerprint A again and compare with the file)
+  floor         every stored chunk of A read and decoded once by tensorstore, at most 256 MiB
+                decoded in flight, with the command line's malloc settings (like for like)
+  fingerprint   `ckptparity fingerprint A -o A.json`: one pass, statistics + digests
+  numpy         the same with CKPTPARITY_NATIVE=0: the numpy kernel instead of the C one
+  check         `ckptparity A A.json`: fingerprint A again and compare with the file
 
 The ratio to the floor is what fingerprinting costs beyond reading. Figures go in
 docs/fingerprints.md.
@@ -20,51 +24,56 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare_speed import FLOOR, run_once, write_pair  # noqa: E402 - the sibling benchmark's pairs and floor
-
-
-def median_run(cmd: list[str], repeat: int, label: str) -> tuple[float, float, list[float]]:
-    runs = []
-    for _ in range(repeat):
-        wall, rss, code = run_once(cmd)
-        if code != 0:
-            raise SystemExit(f"{label}: exit code {code}: {' '.join(cmd)}")
-        runs.append((wall, rss))
-    return statistics.median(w for w, _ in runs), max(r for _, r in runs), [w for w, _ in runs]
+import sharded_speed  # noqa: E402 - the sibling benchmark's checkpoints, floor and process runner
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=1.1, help="arrays per checkpoint, in GB (default 1.1)")
-    p.add_argument("--chunk-mb", type=float, default=0, help="cap stored chunks at this many MiB (0: orbax default)")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "ckptbench"))
+    p.add_argument("--gb", type=float, default=1.5, help="arrays in the checkpoint, in GB (default 1.5)")
+    p.add_argument("--one-chunk", action="store_true", help="compare_speed.py's checkpoint: one chunk per array, written from one device")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--dir", default=None, help="where checkpoints are written (reused when present)")
     args = p.parse_args()
-    a, _, desc = write_pair(Path(args.dir), args.gb, args.chunk_mb, False)
-    print(f"pair: {desc}")
+    if args.one_chunk:
+        from compare_speed import write_pair
+
+        a, _, desc = write_pair(Path(args.dir or "/tmp/ckptbench"), args.gb, 0, False)
+        out = Path(args.dir or "/tmp/ckptbench") / f"fingerprint-{args.gb:g}gb.json"
+    else:
+        base = Path(args.dir or "/tmp/ckptbench-sharded")
+        a, _, _ = sharded_speed.pair(base, args.gb, "identical")
+        desc = f"{sharded_speed.layers_for(args.gb)} layers, {args.gb:g} GB, written from 8 devices (fsdp=4, tensor=2)"
+        out = base / f"fingerprint-{args.gb:g}gb.json"
+    print(f"checkpoint: {a} ({desc})")
     py = sys.executable
-    out = Path(args.dir) / f"fingerprint-{args.gb:g}gb-chunk{args.chunk_mb:g}.json"
+    cli = [py, "-m", "pytest_ckptparity.cli"]
     contenders = {
-        "floor": ("floor (tensorstore, A only)", [py, "-c", FLOOR, a]),
-        "fingerprint": ("ckptparity fingerprint A", [py, "-m", "pytest_ckptparity.cli", "fingerprint", a, "-o", str(out)]),
+        "floor": ([py, "-c", sharded_speed.FLOOR, a], {"FLOOR_MALLOC": "reuse"}),
+        "fingerprint": (cli + ["fingerprint", a, "-o", str(out)], {}),
+        "numpy": (cli + ["fingerprint", a, "-o", str(out) + ".numpy.json"], {"CKPTPARITY_NATIVE": "0"}),
+        "check": (cli + [a, str(out), "--color", "no"], {}),
     }
-    run_once(contenders["floor"][1])  # warm the page cache
-    results = {}
-    for key, (label, cmd) in contenders.items():
-        results[key] = median_run(cmd, args.repeat, label)
-    check = [py, "-m", "pytest_ckptparity.cli", a, str(out), "--color", "no"]
-    results["check"] = median_run(check, args.repeat, "check")
-    floor = results["floor"][0]
-    for key, label in (("floor", "floor (tensorstore, A only)"), ("fingerprint", "ckptparity fingerprint A"), ("check", "ckptparity A A.json")):
-        wall, rss, runs = results[key]
-        ratio = f"{wall / floor:5.2f}x" if key != "floor" else "     "
-        print(f"  {label:<30} {wall:7.2f} s  {ratio}  peak RSS {rss:7.0f} MB  (runs: {', '.join(f'{w:.2f}' for w in runs)})")
+    sharded_speed.run_once(contenders["floor"][0])  # warm the page cache
+    sharded_speed.run_once(contenders["fingerprint"][0])  # the file `check` reads
+    load = os.getloadavg()[0]
+    runs: dict[str, list] = {k: [] for k in contenders}
+    for _ in range(args.repeat):
+        for key, (cmd, env) in contenders.items():
+            run = sharded_speed.run_once(cmd, env)
+            if run[3] != 0:
+                raise SystemExit(f"{key}: exit code {run[3]}: {' '.join(cmd)}")
+            runs[key].append(run)
+    floor = sharded_speed.summary(runs["floor"])
+    print(f"load average (1 min, 2 cores) before {load:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"  {'contender':<12} {'wall (min-max)':>22} {'x floor':>8} {'CPU s':>7} {'x floor':>8} {'peak RSS':>9}")
+    for key in contenders:
+        s = sharded_speed.summary(runs[key])
+        print(f"  {key:<12} {s['wall']:7.2f} s ({s['wall_min']:.2f}-{s['wall_max']:.2f}) {s['wall'] / floor['wall']:7.2f}x "
+              f"{s['cpu']:7.2f} {s['cpu'] / floor['cpu']:7.2f}x {s['rss']:6.0f} MB")
     print(f"  fingerprint file: {out.stat().st_size:,} bytes")
 
 
