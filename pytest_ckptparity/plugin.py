@@ -207,7 +207,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     controller too, which collects nothing itself): a bad path or a scope that matches
     nothing stops the run with one sentence (exit 4)."""
     config = session.config
-    if _is_worker(config) or not generates_items(config):
+    if _is_worker(config):
+        return
+    settings = config.stash[settings_key]
+    if settings.steps is not None and not generates_items(config):
+        # The steps apply to generated items only: without them the run would compare one
+        # step (through the fixtures) and pass as if it had checked every step.
+        why = "--ckpt-generate=no was given" if settings.generate == "no" else "test paths were given (add --ckpt-generate=yes to run them too)"
+        raise pytest.UsageError(f"--ckpt-steps applies to the generated items, and this run generates none: {why}; or drop --ckpt-steps.")
+    if not generates_items(config):
         return
     from pytest_ckptparity.errors import CkptParityUsageError
 

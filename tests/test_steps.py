@@ -382,6 +382,9 @@ def test_a_users_test_over_steps_shows_the_first_drift(pytester, runs):
     (["--ckpt-steps=common", "--ckpt-a={nnx}", "--ckpt-b={late}"], "ERROR: steps='common': A and B share no committed step (A: 0, 1, 2, 3; B: 10, 11); *"),
     (["--ckpt-steps=1,7", "--ckpt-a={nnx}", "--ckpt-b={nnx}"], "ERROR: step 7 is not a committed step of A (*/nnx/checkpoints'); its committed steps are 0, 1, 2, 3: *"),
     (["--ckpt-steps=all", "--ckpt-a={step_folder}", "--ckpt-b={nnx}"], "ERROR: A: '*/nnx/checkpoints/1' is a step folder, not a CheckpointManager root; *"),
+    # Steps apply to generated items: a run without them must not compare one step and pass.
+    (["--ckpt-steps=all", "--ckpt-generate=no", "--ckpt-a={nnx}", "--ckpt-b={nnx}"], "ERROR: --ckpt-steps applies to the generated items, and this run generates none: --ckpt-generate=no was given; or drop --ckpt-steps."),
+    (["--ckpt-steps=all", "--ckpt-a={nnx}", "--ckpt-b={nnx}", "."], "ERROR: --ckpt-steps applies to the generated items, and this run generates none: test paths were given (add --ckpt-generate=yes to run them too); or drop --ckpt-steps."),
 ])
 def test_pytest_bad_steps_are_usage_errors(pytester, runs, args, message):
     argv = [a.format(**runs, step_folder=str(Path(runs["nnx"]) / "1")) for a in args]
