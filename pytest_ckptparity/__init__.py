@@ -19,7 +19,7 @@ _EXPORTS = {
     "Comparison": "api",
     "TrajectoryComparison": "api",
     "TrajectoryReport": "trajectory",
-    "open_checkpoint": "sources",
+    "open_checkpoint": "api",
     "Checkpoint": "sources",
     "CkptParityError": "errors",
     "CkptParityUsageError": "errors",
@@ -35,8 +35,8 @@ _EXPORTS = {
     "unregister_layout": "normalize",
     "known_layouts": "normalize",
     "render": "report",
-    "assert_ckpt_fingerprint": "fingerprint",
-    "take_fingerprint": "fingerprint",
+    "assert_ckpt_fingerprint": "api",
+    "take_fingerprint": "api",
     "write_fingerprint": "fingerprint",
     "read_fingerprint": "fingerprint",
 }
@@ -59,11 +59,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pytest_ckptparity._model import LeafResult, ParityReport, Tolerance, ValueStats
-    from pytest_ckptparity.api import Comparison, TrajectoryComparison, assert_ckpt_parity, compare_checkpoints
+    from pytest_ckptparity.api import (
+        Comparison, TrajectoryComparison, assert_ckpt_fingerprint, assert_ckpt_parity, compare_checkpoints, open_checkpoint,
+        take_fingerprint,
+    )
     from pytest_ckptparity.trajectory import TrajectoryReport
     from pytest_ckptparity.diff import DEFAULT_TOLERANCES
     from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
-    from pytest_ckptparity.fingerprint import assert_ckpt_fingerprint, read_fingerprint, take_fingerprint, write_fingerprint
+    from pytest_ckptparity.fingerprint import read_fingerprint, write_fingerprint
     from pytest_ckptparity.normalize import Layout, TreeFacts, known_layouts, register_layout, unregister_layout
     from pytest_ckptparity.report import render
-    from pytest_ckptparity.sources import Checkpoint, open_checkpoint
+    from pytest_ckptparity.sources import Checkpoint

@@ -205,7 +205,7 @@ class FingerprintFixture:
                 return self._update(ckpt_or_tree, path, options)
             if not path.is_file():
                 pytest.fail(f"fingerprint file '{path}' does not exist; run pytest with {UPDATE_OPTION} to create it.", pytrace=False)
-            from pytest_ckptparity.fingerprint import assert_ckpt_fingerprint
+            from pytest_ckptparity.api import assert_ckpt_fingerprint
 
             return assert_ckpt_fingerprint(ckpt_or_tree, path, **options)
         except CkptParityUsageError as e:
@@ -215,7 +215,8 @@ class FingerprintFixture:
         """Write the fingerprint, unless the file holds the same values already (same digests,
         shapes and dtypes): an unchanged model leaves the file, and its diff, alone."""
         from pytest_ckptparity.errors import CkptParityUsageError
-        from pytest_ckptparity.fingerprint import read_fingerprint, take_fingerprint, write_fingerprint
+        from pytest_ckptparity.api import take_fingerprint
+        from pytest_ckptparity.fingerprint import read_fingerprint, write_fingerprint
 
         take = {k: options[k] for k in ("read_budget", "ignore_rngs", "include", "exclude", "ignore", "step", "rename", "scan_axis") if k in options}
         if "format_a" in options or "format" in options:

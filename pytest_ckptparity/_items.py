@@ -13,7 +13,7 @@ import pytest
 
 from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError
 
-SUITE_NAME = "ckpt-parity"
+from pytest_ckptparity._session import SUITE_NAME, render_for, stats_key
 
 
 class CkptParitySuite(pytest.Collector):
@@ -54,8 +54,6 @@ class CkptParityItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
         if isinstance(excinfo.value, CkptParityError):
-            from pytest_ckptparity.plugin import render_for
-
             return render_for(self.config, excinfo.value.report)
         if isinstance(excinfo.value, CkptParityUsageError):
             return str(excinfo.value)
@@ -75,7 +73,6 @@ class MissingStepItem(pytest.Item):
         self.trajectory = trajectory
 
     def runtest(self) -> None:
-        from pytest_ckptparity._session import stats_key
         from pytest_ckptparity.trajectory import missing_step_record
 
         t, step = self.trajectory, self.step

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import pytest
 
+SUITE_NAME = "ckpt-parity"  # the generated items' parent: ckpt-parity::params/...
+
 
 @dataclass
 class Settings:
@@ -71,7 +73,6 @@ class RunStats:
 
     def step_records(self) -> list[dict[str, Any]]:
         """The records of the generated per-step items (`ckpt-parity::step_N/...`)."""
-        from pytest_ckptparity._items import SUITE_NAME
         from pytest_ckptparity.trajectory import STEP_ITEM_PREFIX
 
         prefix = f"{SUITE_NAME}::{STEP_ITEM_PREFIX}"
@@ -281,7 +282,7 @@ def open_cached(config: pytest.Config, path: str, name: str, step: Optional[int]
 
     The path stays a string: `gs://bucket/run` must reach the reader as written.
     """
-    from pytest_ckptparity.sources import open_checkpoint
+    from pytest_ckptparity.api import open_checkpoint
 
     settings = config.stash[settings_key]
     cache = config.stash.setdefault(cache_key, {})
@@ -291,3 +292,13 @@ def open_cached(config: pytest.Config, path: str, name: str, step: Optional[int]
         extra = {"storage_options": settings.storage_options} if settings.storage_options and url else {}
         cache[key] = open_checkpoint(path, step=step, name=name, **extra)
     return cache[key]
+
+
+def render_for(config: pytest.Config, report: Any) -> str:
+    """The report as this run wants it: colour per --color, rows per verbosity."""
+    from pytest_ckptparity import api
+    from pytest_ckptparity.report import render_plain, render_rich
+
+    color = config.get_terminal_writer().hasmarkup
+    rows = api.default_max_rows
+    return render_rich(report, rows, color=True) if color else render_plain(report, rows)

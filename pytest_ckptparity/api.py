@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from pytest_ckptparity._model import ParityReport
 from pytest_ckptparity._paths import glob_match
@@ -21,8 +21,12 @@ from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, Ckpt
 from pytest_ckptparity.normalize import Layout, NormalizedView, normalize
 from pytest_ckptparity.read_plan import chunk_alignment
 from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
-from pytest_ckptparity.sources import Checkpoint, manager_steps, open_checkpoint
+from pytest_ckptparity.sources import Checkpoint, manager_steps
+from pytest_ckptparity.sources import open_checkpoint as open_source
 from pytest_ckptparity.trajectory import ALL, COMMON, TrajectoryReport, describe_spec, missing_sentence, parse_steps, plan_steps, render_trajectory
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pytest_ckptparity.fingerprint import Fingerprint
 
 SPLITS = ("group", "layer", "leaf")
 
@@ -435,6 +439,29 @@ class TrajectoryComparison:
         return report
 
 
+# --------------------------------------------------------------------------------------
+# Opening a side
+# --------------------------------------------------------------------------------------
+
+
+def is_fingerprint_path(obj: Any) -> bool:
+    """A `.json` file name: a fingerprint file, which stands in for a checkpoint."""
+    return isinstance(obj, (str, os.PathLike)) and not isinstance(obj, bytes) and os.fspath(obj).endswith(".json") and not os.path.isdir(obj)
+
+
+def open_checkpoint(
+    obj: Any, *, step: Optional[int] = None, name: str = "A", storage_options: Optional[Mapping[str, str]] = None,
+) -> Checkpoint:
+    """Open one side: a fingerprint file (`.json`), an orbax folder or URL, an in-memory tree,
+    or an opened checkpoint (passed through). The sources know orbax and trees; a fingerprint
+    file is opened here, above them, because reading it back needs the normal form."""
+    if is_fingerprint_path(obj) and not storage_options:
+        from pytest_ckptparity.fingerprint import open_fingerprint
+
+        return open_fingerprint(obj, name=name)
+    return open_source(obj, step=step, name=name, storage_options=storage_options)
+
+
 def _itemsize(dtype: str) -> int:
     if dtype == "str":
         return 1
@@ -546,3 +573,51 @@ def assert_ckpt_parity(
             raise CkptParityError(render_trajectory(report, color=False, max_rows=default_max_rows), report)  # type: ignore[arg-type]
         raise CkptParityError(render(report, color=False, max_rows=default_max_rows), report)
     return report
+
+
+# --------------------------------------------------------------------------------------
+# Fingerprints: the user-facing helpers (the pass itself and the file are fingerprint.py's)
+# --------------------------------------------------------------------------------------
+
+
+def take_fingerprint(
+    ckpt_or_tree: Any, *, step: Optional[int] = None, format: Union[str, Layout, None] = None,
+    rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
+    include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
+    scan_axis: Optional[int] = None, read_budget: int = DEFAULT_READ_BUDGET, name: str = "checkpoint",
+) -> "Fingerprint":
+    """The fingerprint of a checkpoint path, an opened checkpoint or an in-memory tree."""
+    from pytest_ckptparity._paths import in_scope
+    from pytest_ckptparity.fingerprint import fingerprint_view
+
+    if not isinstance(read_budget, int) or isinstance(read_budget, bool) or read_budget <= 0:
+        raise CkptParityUsageError(f"read_budget must be a positive number of bytes, got {read_budget!r}.")
+    ckpt = open_checkpoint(ckpt_or_tree, step=step, name=name)
+    if getattr(ckpt, "is_fingerprint", False):
+        return ckpt.fingerprint  # type: ignore[attr-defined]
+    inc, exc, ign = _globs("include", include), _globs("exclude", exclude), _globs("ignore", ignore)
+    view = normalize(ckpt, layout=format, rename=_rename_rules(rename), ignore=ign, ignore_rngs=ignore_rngs, scan_axis=scan_axis)
+    paths = [p for p in view.leaves if in_scope(p, inc, exc)]
+    if not paths:
+        raise CkptParityUsageError(f"{name}: no leaf of '{ckpt.location}' is in scope (include={list(inc)}, exclude={list(exc)}); a fingerprint of nothing would check nothing.")
+    scope = {k: list(v) for k, v in (("include", inc), ("exclude", exc), ("ignore", ign)) if v}
+    if not ignore_rngs:
+        scope["rngs"] = True
+    return fingerprint_view(view, paths=paths, read_budget=read_budget, scope=scope)
+
+
+def assert_ckpt_fingerprint(ckpt_or_tree: Any, path: Union[str, os.PathLike], **kwargs: Any) -> Any:
+    """Assert that a checkpoint (path, opened checkpoint or in-memory tree) still matches the
+    fingerprint file at `path`, within tolerance. Takes `assert_ckpt_parity`'s keywords.
+
+    >>> assert_ckpt_fingerprint("runs/nnx/checkpoints", "tests/golden/llama_nnx.json", rtol=1e-5)
+    """
+    __tracebackhide__ = True
+    from pytest_ckptparity.fingerprint import HOW_TO_CREATE
+
+    if not is_fingerprint_path(path):
+        raise CkptParityUsageError(f"'{path}' is not a fingerprint file name; fingerprint files end in .json.")
+    if not os.path.isfile(path):
+        raise CkptParityUsageError(f"fingerprint file '{path}' does not exist; {HOW_TO_CREATE.format(path=path)}.", path=path)
+    kwargs.setdefault("names", (kwargs.pop("name", "checkpoint"), "fingerprint"))
+    return assert_ckpt_parity(ckpt_or_tree, path, **kwargs)

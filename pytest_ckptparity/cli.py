@@ -276,7 +276,7 @@ def _write_html(path: Optional[str], records: list[dict[str, Any]]) -> None:
 
 def run_inspect(argv: Sequence[str]) -> int:
     from pytest_ckptparity.normalize import normalize
-    from pytest_ckptparity.sources import open_checkpoint
+    from pytest_ckptparity.api import open_checkpoint
 
     p = argparse.ArgumentParser(prog="ckptparity inspect", description="Show the detected layout and the normalized tree, from metadata only.")
     p.add_argument("path")
@@ -341,7 +341,8 @@ def _demo_page(path: Path, reports: list[Any]) -> None:
 
 def run_fingerprint(argv: Sequence[str]) -> int:
     """Write a checkpoint's fingerprint file (for `ckptparity A FILE.json` later)."""
-    from pytest_ckptparity.fingerprint import take_fingerprint, write_fingerprint
+    from pytest_ckptparity.api import take_fingerprint
+    from pytest_ckptparity.fingerprint import write_fingerprint
 
     p = argparse.ArgumentParser(prog="ckptparity fingerprint", description="Write the fingerprint of a checkpoint: per-leaf (and per-layer) statistics and digests, as JSON.")
     p.add_argument("path", help="the checkpoint (orbax manager root, step, item or bare folder)")

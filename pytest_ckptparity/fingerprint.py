@@ -37,7 +37,7 @@ import numpy as np
 
 from pytest_ckptparity import _native
 from pytest_ckptparity._model import ArrayInfo
-from pytest_ckptparity._paths import KeyPath, in_scope
+from pytest_ckptparity._paths import KeyPath
 from pytest_ckptparity.kernel import PIECE_ELEMENTS, _itemsize, _pieces, _pool
 from pytest_ckptparity.read_plan import BLOCK_SHARE, DEFAULT_READ_BUDGET, _blocks, chunk_alignment
 from pytest_ckptparity.errors import CkptParityUsageError
@@ -52,7 +52,7 @@ _MASK = (1 << 64) - 1
 _G = np.uint64(0x9E3779B97F4A7C15)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
-_HOW_TO_CREATE = "create it with 'ckptparity fingerprint CKPT -o {path}' or run pytest with --ckpt-update-fingerprints"
+HOW_TO_CREATE = "create it with 'ckptparity fingerprint CKPT -o {path}' or run pytest with --ckpt-update-fingerprints"
 
 
 # --------------------------------------------------------------------------------------
@@ -628,7 +628,7 @@ def read_fingerprint(path: Union[str, os.PathLike]) -> Fingerprint:
     if not p.is_file():
         if p.is_dir():
             raise CkptParityUsageError(f"fingerprint path '{p}' is a folder, not a fingerprint file.", path=p)
-        raise CkptParityUsageError(f"fingerprint file '{p}' does not exist; {_HOW_TO_CREATE.format(path=p)}.", path=p)
+        raise CkptParityUsageError(f"fingerprint file '{p}' does not exist; {HOW_TO_CREATE.format(path=p)}.", path=p)
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -692,61 +692,8 @@ def open_fingerprint(path: Union[str, os.PathLike], *, name: str = "B") -> Finge
     return FingerprintCheckpoint(read_fingerprint(path), name=name, location=str(path))
 
 
-def is_fingerprint_path(obj: Any) -> bool:
-    return isinstance(obj, (str, os.PathLike)) and os.fspath(obj).endswith(".json") and not os.path.isdir(obj)
-
-
-# --------------------------------------------------------------------------------------
-# The public helpers
-# --------------------------------------------------------------------------------------
-
-
-def take_fingerprint(
-    ckpt_or_tree: Any, *, step: Optional[int] = None, format: Union[str, Layout, None] = None,
-    rename: Sequence[tuple[str, str]] = (), ignore: Sequence[str] = (), ignore_rngs: bool = True,
-    include: Union[str, Sequence[str], None] = None, exclude: Union[str, Sequence[str], None] = None,
-    scan_axis: Optional[int] = None, read_budget: int = DEFAULT_READ_BUDGET, name: str = "checkpoint",
-) -> Fingerprint:
-    """The fingerprint of a checkpoint path, an opened checkpoint or an in-memory tree."""
-    from pytest_ckptparity.api import _globs, _rename_rules
-    from pytest_ckptparity.normalize import normalize
-    from pytest_ckptparity.sources import open_checkpoint
-
-    if not isinstance(read_budget, int) or isinstance(read_budget, bool) or read_budget <= 0:
-        raise CkptParityUsageError(f"read_budget must be a positive number of bytes, got {read_budget!r}.")
-    ckpt = open_checkpoint(ckpt_or_tree, step=step, name=name)
-    if getattr(ckpt, "is_fingerprint", False):
-        return ckpt.fingerprint  # type: ignore[attr-defined]
-    inc, exc, ign = _globs("include", include), _globs("exclude", exclude), _globs("ignore", ignore)
-    view = normalize(ckpt, layout=format, rename=_rename_rules(rename), ignore=ign, ignore_rngs=ignore_rngs, scan_axis=scan_axis)
-    paths = [p for p in view.leaves if in_scope(p, inc, exc)]
-    if not paths:
-        raise CkptParityUsageError(f"{name}: no leaf of '{ckpt.location}' is in scope (include={list(inc)}, exclude={list(exc)}); a fingerprint of nothing would check nothing.")
-    scope = {k: list(v) for k, v in (("include", inc), ("exclude", exc), ("ignore", ign)) if v}
-    if not ignore_rngs:
-        scope["rngs"] = True
-    return fingerprint_view(view, paths=paths, read_budget=read_budget, scope=scope)
-
-
-def assert_ckpt_fingerprint(ckpt_or_tree: Any, path: Union[str, os.PathLike], **kwargs: Any) -> Any:
-    """Assert that a checkpoint (path, opened checkpoint or in-memory tree) still matches the
-    fingerprint file at `path`, within tolerance. Takes `assert_ckpt_parity`'s keywords.
-
-    >>> assert_ckpt_fingerprint("runs/nnx/checkpoints", "tests/golden/llama_nnx.json", rtol=1e-5)
-    """
-    __tracebackhide__ = True
-    from pytest_ckptparity.api import assert_ckpt_parity
-
-    if not is_fingerprint_path(path):
-        raise CkptParityUsageError(f"'{path}' is not a fingerprint file name; fingerprint files end in .json.")
-    if not Path(path).is_file():
-        raise CkptParityUsageError(f"fingerprint file '{path}' does not exist; {_HOW_TO_CREATE.format(path=path)}.", path=path)
-    kwargs.setdefault("names", (kwargs.pop("name", "checkpoint"), "fingerprint"))
-    return assert_ckpt_parity(ckpt_or_tree, path, **kwargs)
-
-
 __all__ = (
-    "Fingerprint", "LeafPrint", "Stats", "STAT_FIELDS", "take_fingerprint", "fingerprint_view", "write_fingerprint",
-    "read_fingerprint", "to_json", "from_json", "open_fingerprint", "assert_ckpt_fingerprint", "FingerprintCheckpoint",
-    "FingerprintView", "is_fingerprint_path",
+    "Fingerprint", "LeafPrint", "Stats", "STAT_FIELDS", "fingerprint_view", "write_fingerprint", "HOW_TO_CREATE",
+    "read_fingerprint", "to_json", "from_json", "open_fingerprint", "FingerprintCheckpoint",
+    "FingerprintView",
 )

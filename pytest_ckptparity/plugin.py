@@ -167,16 +167,6 @@ def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
-def render_for(config: pytest.Config, report: Any) -> str:
-    """The report as this run wants it: colour per --color, rows per verbosity."""
-    from pytest_ckptparity import api
-    from pytest_ckptparity.report import render_plain, render_rich
-
-    color = config.get_terminal_writer().hasmarkup
-    rows = api.default_max_rows
-    return render_rich(report, rows, color=True) if color else render_plain(report, rows)
-
-
 # --------------------------------------------------------------------------------------
 # Generated items
 # --------------------------------------------------------------------------------------

@@ -646,10 +646,6 @@ def open_checkpoint(
         raise CkptParityUsageError(f"{name}: storage options apply to object-store URLs (gs://, s3://), not to {obj!r}; drop them or pass a URL.")
     if isinstance(obj, Checkpoint):
         return obj
-    if isinstance(obj, (str, os.PathLike)) and os.fspath(obj).endswith(".json") and not os.path.isdir(obj):
-        from pytest_ckptparity.fingerprint import open_fingerprint  # a fingerprint file is a source too
-
-        return open_fingerprint(obj, name=name)
     if isinstance(obj, (str, os.PathLike)):
         return OrbaxCheckpoint(obj, step=step, name=name, storage_options=storage_options)
     if isinstance(obj, bytes):

@@ -525,7 +525,8 @@ def test_tolerance_labels_sit_at_their_dashed_lines_and_one_leaf_has_a_legend(ch
 
 
 def test_against_a_fingerprint_the_page_says_statistics_only_and_shows_what_moved(demo_ckpts, tmp_path, capsys):
-    from pytest_ckptparity.fingerprint import take_fingerprint, write_fingerprint
+    from pytest_ckptparity.api import take_fingerprint
+    from pytest_ckptparity.fingerprint import write_fingerprint
 
     golden = write_fingerprint(take_fingerprint(demo_ckpts["linen"]), tmp_path / "linen.json")
     page, report = tmp_path / "fp.html", tmp_path / "fp.json"

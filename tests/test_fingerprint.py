@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pytest_ckptparity import CkptParityError, CkptParityUsageError, assert_ckpt_fingerprint, compare_checkpoints
+from pytest_ckptparity import CkptParityError, CkptParityUsageError, assert_ckpt_fingerprint, compare_checkpoints, take_fingerprint
 from pytest_ckptparity.fingerprint import (
-    STAT_FIELDS, Fingerprint, LeafPrint, Stats, from_json, read_fingerprint, take_fingerprint, to_json, write_fingerprint,
+    STAT_FIELDS, Fingerprint, LeafPrint, Stats, from_json, read_fingerprint, to_json, write_fingerprint,
 )
 from pytest_ckptparity.fingerprint_diff import allowances, resolution
 
