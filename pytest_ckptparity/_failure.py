@@ -67,8 +67,8 @@ def failure_payload(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseExcepti
                 "rich": render_trajectory(report, color=True, max_rows=rows), "crash": [path, lineno, f"{name}: {steps_summary(report)}"]}
     return {
         "location": location,
-        "plain": render_plain(report, rows),
-        "rich": render_rich(report, rows, color=True),
+        "plain": render_plain(report, rows, layer_strips=True),
+        "rich": render_rich(report, rows, color=True, layer_strips=True),
         "crash": [path, lineno, f"{name}: {summary_line(report)}"],
     }
 

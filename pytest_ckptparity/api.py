@@ -571,7 +571,7 @@ def assert_ckpt_parity(
     if not report.passed:
         if isinstance(report, TrajectoryReport):
             raise CkptParityError(render_trajectory(report, color=False, max_rows=default_max_rows), report)  # type: ignore[arg-type]
-        raise CkptParityError(render(report, color=False, max_rows=default_max_rows), report)
+        raise CkptParityError(render(report, color=False, max_rows=default_max_rows, layer_strips=True), report)
     return report
 
 

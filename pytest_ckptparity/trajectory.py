@@ -367,6 +367,6 @@ def render_trajectory(
             body.append(f"step {s}: {t.missing[s]}")
             continue
         r = t.reports[s]
-        text = render(r, color=color, max_rows=max_rows, more_hint=hint)
+        text = render(r, color=color, max_rows=max_rows, more_hint=hint, layer_strips=True)
         body.append(f"step {s}: " + (text.splitlines()[0] if r.passed else text))
     return "\n".join([*body, *head] if summary_last else [*head, *body])

@@ -332,6 +332,11 @@ def test_users_failure_renders_like_a_generated_item(pytester, demo_ckpts, xdist
     plain = run(pytester, "--color=no", *xdist)
     assert "\x1b[" not in plain.stdout.str() and "┃" not in plain.stdout.str()
     plain.stdout.fnmatch_lines(["test_mine.py:8: in test_parity", "checkpoint parity failed: 3 of 39 leaves differ*", "linen: Linen TrainState*"])
+    # The per-layer strip of each failing stack, as the command line shows it: layer 1 drifted.
+    plain.stdout.fnmatch_lines(["per-layer headroom (. identical*# beyond it):",
+                                "  params/decoder/layers/mlp/wi_0/kernel  |.#|  layers 0-1; worst layer 1: headroom inf, max abs diff 0.5"])
+    assert "per-layer headroom: " in text and re.search(r"params/decoder/layers/mlp/wi_0/kernel  ██  layers 0-1; worst layer 1", text)
+    assert "|.#|  layers 0-1; worst layer 1" in failure.text  # junit keeps the plain strip
 
 
 @pytest.mark.parametrize("xdist", XDIST)

@@ -278,6 +278,9 @@ def test_cli_prints_every_step_and_names_the_first_drift(runs, tmp_path, capsys)
     assert f"step 2: checkpoint parity failed: 1 of 39 leaves differ: {LEAF} [layer 1] (values)" in lines
     assert lines[-3].startswith(f"checkpoint parity over steps 0, 1, 2, 3 (A vs B) failed at steps 2, 3; first out of tolerance at step 2: {LEAF} [layer 1]")
     assert lines[-1].startswith(f"  step 2: {LEAF} [layer 1] (values, max abs diff 0.01")
+    # Each failing step shows the per-layer strip of its drifting stack: layer 1 beyond tolerance.
+    strips = [l for l in lines if l.startswith(f"  {LEAF}  |")]
+    assert len(strips) == 2 and all(l.startswith(f"  {LEAF}  |.#|  layers 0-1; worst layer 1: headroom") for l in strips)
     doc = json.loads(out_json.read_text())
     assert [c["steps"] for c in doc["comparisons"]] == [[0, 0], [1, 1], [2, 2], [3, 3]]
     assert [c["passed"] for c in doc["comparisons"]] == [True, True, False, False]
