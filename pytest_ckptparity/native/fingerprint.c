@@ -70,6 +70,72 @@ typedef struct {
     uint64_t dig[LANES];
 } lanes_t;
 
+/* The contiguous loop of a row in GCC vector extensions (plain C, no intrinsics; clang has
+ * them too): 8 elements per step in one vector of 8, lane k taking element j + k exactly as
+ * LANE_STEP does, so the sums are the same to the bit. Returns how far it got (a multiple of
+ * 8); the row's tail goes through LANE_STEP. */
+typedef uint16_t vu16x8 __attribute__((vector_size(16)));
+typedef uint32_t vu32x8 __attribute__((vector_size(32)));
+typedef float vf32x8 __attribute__((vector_size(32)));
+typedef uint64_t vu64x8 __attribute__((vector_size(64)));
+typedef int64_t vi64x8 __attribute__((vector_size(64)));
+typedef double vf64x8 __attribute__((vector_size(64)));
+
+#define BITS_F32(raw) __builtin_convertvector((raw), vu64x8)
+#define DBL_F32(raw) __builtin_convertvector((vf32x8)(raw), vf64x8)
+#define BITS_BF16(raw) __builtin_convertvector((raw), vu64x8)
+#define DBL_BF16(raw) __builtin_convertvector((vf32x8)(__builtin_convertvector((raw), vu32x8) << 16), vf64x8)
+#define BITS_F64(raw) (raw)
+#define DBL_F64(raw) ((vf64x8)(raw))
+
+#define VEC_BODY(VRAW, BITS, DBL)                                                               \
+    {                                                                                           \
+        vf64x8 s, a, q, mn, mx;                                                                 \
+        vu64x8 dg, off, stride;                                                                 \
+        vi64x8 bad, absmask;                                                                    \
+        for (int k = 0; k < LANES; k++) {                                                       \
+            s[k] = sum[k]; a[k] = sabs[k]; q[k] = ssq[k];                                       \
+            mn[k] = mnv[k]; mx[k] = mxv[k]; dg[k] = dig[k]; bad[k] = 0;                         \
+            off[k] = (uint64_t)(idx0 + (uint64_t)k * (uint64_t)es) * G;                         \
+            stride[k] = (uint64_t)LANES * (uint64_t)es * G;                                     \
+            absmask[k] = 0x7fffffffffffffffLL;                                                  \
+        }                                                                                       \
+        int64_t j = 0;                                                                          \
+        for (; j + LANES <= n; j += LANES) {                                                    \
+            VRAW raw;                                                                           \
+            memcpy(&raw, v + j, sizeof raw);                                                    \
+            vu64x8 z = BITS(raw) + off;                                                         \
+            off += stride;                                                                      \
+            z ^= z >> 30;                                                                       \
+            z *= C1;                                                                            \
+            z ^= z >> 27;                                                                       \
+            z *= C2;                                                                            \
+            z ^= z >> 31;                                                                       \
+            dg += z;                                                                            \
+            vf64x8 y = DBL(raw);                                                                \
+            bad |= ~((y - y) == 0.0);                                                           \
+            s += y;                                                                             \
+            a += (vf64x8)((vi64x8)y & absmask);                                                 \
+            q += y * y;                                                                         \
+            vi64x8 lt = y < mn, gt = y > mx;                                                    \
+            mn = (vf64x8)(((vi64x8)y & lt) | ((vi64x8)mn & ~lt));                               \
+            mx = (vf64x8)(((vi64x8)y & gt) | ((vi64x8)mx & ~gt));                               \
+        }                                                                                       \
+        for (int k = 0; k < LANES; k++) {                                                       \
+            sum[k] = s[k]; sabs[k] = a[k]; ssq[k] = q[k];                                       \
+            mnv[k] = mn[k]; mxv[k] = mx[k]; dig[k] = dg[k];                                     \
+            badv[k] |= bad[k] != 0;                                                             \
+        }                                                                                       \
+        return j;                                                                               \
+    }
+
+#define VEC_ARGS(T) double *restrict sum, double *restrict sabs, double *restrict ssq, double *restrict mnv, \
+    double *restrict mxv, uint64_t *restrict dig, int *restrict badv, const T *restrict v, int64_t n, uint64_t idx0, int64_t es
+static inline int64_t vec_f32(VEC_ARGS(uint32_t)) VEC_BODY(vu32x8, BITS_F32, DBL_F32)
+static inline int64_t vec_bf16(VEC_ARGS(uint16_t)) VEC_BODY(vu16x8, BITS_BF16, DBL_BF16)
+static inline int64_t vec_f64(VEC_ARGS(uint64_t)) VEC_BODY(vu64x8, BITS_F64, DBL_F64)
+static inline int64_t vec_f16(VEC_ARGS(uint16_t)) { (void)sum; (void)sabs; (void)ssq; (void)mnv; (void)mxv; (void)dig; (void)badv; (void)v; (void)n; (void)idx0; (void)es; return 0; }
+
 /* One row of `n` elements, `bs` bytes apart, flat indices idx0 + j * es. Returns 0 when a
  * non-finite element was seen (the caller then takes the careful path for the piece). The
  * accumulators live in locals for the loop (so they stay in registers) and the contiguous
@@ -87,7 +153,7 @@ typedef struct {
         mx[K] = y > mx[K] ? y : mx[K];                                                          \
     }
 
-#define ROW_BODY(KIND, T)                                                                       \
+#define ROW_BODY(KIND, T, VEC)                                                                     \
     {                                                                                           \
         double sum[LANES], sabs[LANES], ssq[LANES], mn[LANES], mx[LANES];                       \
         uint64_t dig[LANES];                                                                    \
@@ -99,6 +165,7 @@ typedef struct {
         int64_t j = 0;                                                                          \
         if (bs == (int64_t)sizeof(T)) {                                                         \
             const T *restrict v = (const T *)row;                                               \
+            j = VEC(sum, sabs, ssq, mn, mx, dig, bad, v, n, idx0, es);                          \
             for (; j + LANES <= n; j += LANES)                                                  \
                 for (int k = 0; k < LANES; k++) LANE_STEP(KIND, (uint64_t)v[j + k], k)                \
         } else {                                                                                \
@@ -117,10 +184,10 @@ typedef struct {
         return finite;                                                                          \
     }
 
-MULTIVERSION static int row_f32(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_FLOAT32, uint32_t)
-MULTIVERSION static int row_f64(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_FLOAT64, uint64_t)
-MULTIVERSION static int row_bf16(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_BFLOAT16, uint16_t)
-MULTIVERSION static int row_f16(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_FLOAT16, uint16_t)
+MULTIVERSION static int row_f32(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_FLOAT32, uint32_t, vec_f32)
+MULTIVERSION static int row_f64(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_FLOAT64, uint64_t, vec_f64)
+MULTIVERSION static int row_bf16(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_BFLOAT16, uint16_t, vec_bf16)
+MULTIVERSION static int row_f16(lanes_t *restrict L, const char *row, int64_t n, int64_t bs, uint64_t idx0, int64_t es) ROW_BODY(K_FLOAT16, uint16_t, vec_f16)
 
 MULTIVERSION static double centred_row(const char *row, int kind, int64_t n, int64_t bs, double mean, int all_finite) {
     double acc[LANES] = {0};
