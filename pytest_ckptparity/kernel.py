@@ -14,7 +14,6 @@ Knows nothing of checkpoints, paths or reports: arrays in, an `_Accumulator` out
 from __future__ import annotations
 
 import math
-import os
 import threading
 from typing import Any, Iterator, Optional
 
@@ -400,7 +399,9 @@ def _into(slot: int, x: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from pytest_ckptparity._threads import process_threads  # this process's share of the cores
+
+    return process_threads()
 
 
 _executor: Any = None

@@ -22,6 +22,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from pytest_ckptparity._model import ArrayInfo
+from pytest_ckptparity._threads import tensorstore_context
 from pytest_ckptparity._paths import KeyPath, path_str
 from pytest_ckptparity.errors import CkptParityUsageError
 from pytest_ckptparity.storage import Storage, StorageError, explain, open_storage
@@ -387,7 +388,7 @@ class OrbaxCheckpoint(Checkpoint):
             return self._infos
         import tensorstore as ts
 
-        self._context = ts.Context({**self.item_dir.context_spec(), "cache_pool": {"total_bytes_limit": 0}})
+        self._context = ts.Context({**self.item_dir.context_spec(), **tensorstore_context(), "cache_pool": {"total_bytes_limit": 0}})
         key_notes = self._key_notes()
         opening = []
         infos: dict[KeyPath, ArrayInfo] = {}
@@ -454,7 +455,7 @@ class OrbaxCheckpoint(Checkpoint):
 
             base = self.item_dir.kvstore_spec()
             spec = {"driver": "ocdbt", "base": base} if self.use_ocdbt else base
-            context = ts.Context({**self.item_dir.context_spec(), "cache_pool": {"total_bytes_limit": 0}})
+            context = ts.Context({**self.item_dir.context_spec(), **tensorstore_context(), "cache_pool": {"total_bytes_limit": 0}})
             self._kv = ts.KvStore.open(spec, context=context).result()
         return self._kv
 
