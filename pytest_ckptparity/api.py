@@ -455,7 +455,7 @@ def open_checkpoint(
     """Open one side: a fingerprint file (`.json`), an orbax folder or URL, an in-memory tree,
     or an opened checkpoint (passed through). The sources know orbax and trees; a fingerprint
     file is opened here, above them, because reading it back needs the normal form."""
-    if is_fingerprint_path(obj) and not storage_options:
+    if is_fingerprint_path(obj) and (not storage_options or _is_url(obj)):  # else the sources' sentence on storage options
         from pytest_ckptparity.fingerprint import open_fingerprint
 
         return open_fingerprint(obj, name=name)
