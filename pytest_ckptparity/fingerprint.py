@@ -198,6 +198,7 @@ def _digest(x: np.ndarray, base: int, strides: tuple[int, ...]) -> int:
 def _piece_acc(x: np.ndarray, base: int, strides: tuple[int, ...]) -> _Acc:
     """Statistics and digest of one piece (at most PIECE_ELEMENTS elements): in the native
     kernel when it is built and takes the dtype, else with numpy (same digest)."""
+    x = np.asarray(x)  # a 0-d leaf indexed with () is a numpy scalar, which has no buffer to hand to C
     acc = _Acc()
     acc.count = int(x.size)
     if not x.size:

@@ -123,3 +123,30 @@ def test_version_names_the_kernels():
     off = subprocess.run([sys.executable, "-m", "pytest_ckptparity", "--version"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "CKPTPARITY_NATIVE": "0"})
     assert "native kernels: off" in off.stdout
+
+
+def test_scalar_leaves_take_the_native_kernel_too(tmp_path, monkeypatch):
+    """A learning rate, a step or a scale stored as a 0-d array: orbax hands it back as a
+    numpy scalar. Fingerprinted natively and with numpy, in memory and through the CLI."""
+    from pytest_ckptparity import examples as ex
+    from pytest_ckptparity.api import take_fingerprint
+
+    tree = {"params": {"w": np.arange(24, dtype=np.float32).reshape(4, 6)},
+            "hyper": {"lr": np.array(1e-3, np.float32), "decay": np.array(0.5, np.float64),
+                      "scale": np.array(2.0, ml_dtypes.bfloat16), "half": np.array(0.25, np.float16), "step": np.array(7, np.int32)}}
+    ckpt = tmp_path / "run"
+    ex.save(ckpt, tree, step=0)
+    native = take_fingerprint(str(ckpt))
+    monkeypatch.setenv("CKPTPARITY_NATIVE", "0")
+    numpy = take_fingerprint(str(ckpt))
+    assert set(native.leaves) == set(numpy.leaves) >= {"hyper/lr", "hyper/decay", "hyper/scale", "hyper/half", "hyper/step"}
+    for path in native.leaves:
+        assert native.leaves[path].digest == numpy.leaves[path].digest, path
+        assert native.leaves[path].stats == numpy.leaves[path].stats, path  # one element: no summation order
+    assert native.leaves["hyper/lr"].stats.max == float(np.float32(1e-3))
+    monkeypatch.delenv("CKPTPARITY_NATIVE")
+    out = tmp_path / "run.json"
+    for argv in (["fingerprint", str(ckpt), "-o", str(out)], [str(ckpt), str(out), "--color", "no"]):
+        run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", *argv], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert "every digest equal" in run.stdout
