@@ -45,7 +45,7 @@ def _short_traceback(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseExcept
 
 def failure_payload(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseException]) -> dict[str, Any]:
     """Everything the display needs, as plain data."""
-    from pytest_ckptparity import api
+    from pytest_ckptparity import _run_hooks
     from pytest_ckptparity._items import CkptParityItem
     from pytest_ckptparity.report import render_plain, render_rich, summary_line
 
@@ -59,7 +59,7 @@ def failure_payload(item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseExcepti
     if report is None:  # a usage error: its one sentence, no frames from inside the library
         text = f"E   {name}: {excinfo.value}"
         return {"location": location, "plain": text, "rich": text, "crash": [path, lineno, f"{name}: {excinfo.value}"]}
-    rows = api.default_max_rows
+    rows = _run_hooks.max_rows
     if hasattr(report, "failed_steps"):  # assert_ckpt_parity(..., steps=...): a TrajectoryReport
         from pytest_ckptparity.trajectory import render_trajectory, summary_line as steps_summary
 

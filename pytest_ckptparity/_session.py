@@ -297,9 +297,9 @@ def open_cached(config: pytest.Config, path: str, name: str, step: Optional[int]
 def render_for(config: pytest.Config, report: Any) -> str:
     """The report as this run wants it: colour per --color, rows per verbosity, and the
     per-layer strip of each failing layer stack."""
-    from pytest_ckptparity import api
+    from pytest_ckptparity import _run_hooks
     from pytest_ckptparity.report import render_plain, render_rich
 
     color = config.get_terminal_writer().hasmarkup
-    rows = api.default_max_rows
+    rows = _run_hooks.max_rows
     return render_rich(report, rows, color=True, layer_strips=True) if color else render_plain(report, rows, layer_strips=True)

@@ -12,15 +12,17 @@ import os
 import re
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
 
+from pytest_ckptparity import _run_hooks
 from pytest_ckptparity._model import ParityReport
+from pytest_ckptparity._run_hooks import add_report_listener, remove_report_listener  # noqa: F401 - public here too
 from pytest_ckptparity._paths import glob_match
 from pytest_ckptparity.diff import DEFAULT_READ_BUDGET, DTYPE_POLICIES, CompareOptions, Selection, diff_views, scoped_paths
 from pytest_ckptparity.errors import CkptParityError, CkptParityUsageError, CkptParityWarning
 from pytest_ckptparity.normalize import Layout, NormalizedView, normalize
 from pytest_ckptparity.read_plan import chunk_alignment
-from pytest_ckptparity.report import DEFAULT_MAX_ROWS, render
+from pytest_ckptparity.report import render
 from pytest_ckptparity.sources import Checkpoint, manager_steps
 from pytest_ckptparity.sources import open_checkpoint as open_source
 from pytest_ckptparity.trajectory import ALL, COMMON, TrajectoryReport, describe_spec, missing_sentence, parse_steps, plan_steps, render_trajectory
@@ -30,17 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SPLITS = ("group", "layer", "leaf")
 
-# Observers of every finished comparison (the pytest plugin counts them for its summary).
-_listeners: list[Callable[[ParityReport], None]] = []
-
-
-def add_report_listener(fn: Callable[[ParityReport], None]) -> None:
-    _listeners.append(fn)
-
-
-def remove_report_listener(fn: Callable[[ParityReport], None]) -> None:
-    if fn in _listeners:
-        _listeners.remove(fn)
 
 
 # --------------------------------------------------------------------------------------
@@ -296,7 +287,7 @@ class Comparison:
 
     def notify(self, report: ParityReport) -> None:
         """Tell the observers (the pytest plugin's run statistics) about a finished report."""
-        for fn in list(_listeners):
+        for fn in list(_run_hooks.listeners):
             fn(report)
 
     def ignored_count(self) -> int:
@@ -530,7 +521,6 @@ def compare_checkpoints(
 
 
 # The plugin raises this with -v / -vv; None shows every row.
-default_max_rows: Optional[int] = DEFAULT_MAX_ROWS
 
 
 def assert_ckpt_parity(
@@ -570,8 +560,8 @@ def assert_ckpt_parity(
     )
     if not report.passed:
         if isinstance(report, TrajectoryReport):
-            raise CkptParityError(render_trajectory(report, color=False, max_rows=default_max_rows), report)  # type: ignore[arg-type]
-        raise CkptParityError(render(report, color=False, max_rows=default_max_rows, layer_strips=True), report)
+            raise CkptParityError(render_trajectory(report, color=False, max_rows=_run_hooks.max_rows), report)  # type: ignore[arg-type]
+        raise CkptParityError(render(report, color=False, max_rows=_run_hooks.max_rows, layer_strips=True), report)
     return report
 
 

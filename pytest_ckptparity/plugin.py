@@ -97,15 +97,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[settings_key] = settings
     config.stash[stats_key] = RunStats()
 
-    from pytest_ckptparity import api
+    from pytest_ckptparity import _run_hooks  # not api: a session that compares nothing must not load numpy
 
     verbosity = config.get_verbosity()
-    api.default_max_rows = 20 if verbosity <= 0 else (50 if verbosity == 1 else None)
+    _run_hooks.max_rows = 20 if verbosity <= 0 else (50 if verbosity == 1 else None)
 
     def record(report: Any) -> None:
         config.stash[stats_key].add_report(report)
 
-    api.add_report_listener(record)
+    _run_hooks.add_report_listener(record)
     config.stash[listener_key] = record
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistMerge(config), "ckptparity-xdist")
@@ -144,10 +144,10 @@ def _check_html_option(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     record = config.stash.get(listener_key, None)
     if record is not None:
-        from pytest_ckptparity import api
+        from pytest_ckptparity import _run_hooks
 
-        api.remove_report_listener(record)
-        api.default_max_rows = 20
+        _run_hooks.remove_report_listener(record)
+        _run_hooks.max_rows = _run_hooks.DEFAULT_MAX_ROWS
 
 
 class _XdistMerge:

@@ -14,7 +14,7 @@ import pytest_ckptparity
 
 # Lowest first. A module may import modules of its own layer or of layers before it.
 LAYERS = [
-    {"_model", "_paths", "errors", "_native", "_threads", "examples"},
+    {"_model", "_paths", "errors", "_native", "_threads", "_run_hooks", "examples"},
     {"storage"},
     {"sources"},
     {"normalize"},

@@ -242,6 +242,21 @@ def test_loading_the_plugin_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
+@pytest.mark.parametrize("xdist", XDIST)
+def test_a_session_that_compares_nothing_loads_nothing_heavy(pytester, xdist):
+    """The plugin is active in every pytest run of its users: a session (and every xdist
+    worker) that never touches a checkpoint must not load numpy, jax, orbax or tensorstore."""
+    pytester.makepyfile(test_plain="""
+        import sys
+
+        def test_nothing_heavy():
+            heavy = sorted(m for m in ('numpy', 'jax', 'flax', 'orbax', 'tensorstore') if m in sys.modules)
+            assert heavy == []
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:html", *xdist)
+    result.assert_outcomes(passed=1)
+
+
 # --------------------------------------------------------------------------------------
 # Output that never misleads
 # --------------------------------------------------------------------------------------
