@@ -332,11 +332,11 @@ static int short_walk_f64(const void *a, int ca, const void *b, int cb, int64_t 
                           double *out, int64_t *where) SHORT_WALK_BODY(double, view_f64)
 #undef fabs_
 
-static int walk_f32(const void *a, int ca, const void *b, int cb, int64_t outer, int64_t layers, int64_t inner,
+MULTIVERSION static int walk_f32(const void *a, int ca, const void *b, int cb, int64_t outer, int64_t layers, int64_t inner,
                     float rtol, float atol, double *layer_abs, double *layer_rel, double *layer_head,
                     double *out, int64_t *where) WALK_BODY(float, view_f32, run_f32, find_f32)
 
-static int walk_f64(const void *a, int ca, const void *b, int cb, int64_t outer, int64_t layers, int64_t inner,
+MULTIVERSION static int walk_f64(const void *a, int ca, const void *b, int cb, int64_t outer, int64_t layers, int64_t inner,
                     double rtol, double atol, double *layer_abs, double *layer_rel, double *layer_head,
                     double *out, int64_t *where) WALK_BODY(double, view_f64, run_f64, find_f64)
 
