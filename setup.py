@@ -11,7 +11,7 @@ setup(
     ext_modules=[
         Extension(
             "pytest_ckptparity._ckptkernel",
-            sources=["pytest_ckptparity/native/fingerprint.c"],
+            sources=["pytest_ckptparity/native/fingerprint.c", "pytest_ckptparity/native/compare.c"],
             # No FMA contraction: every float operation rounds as numpy's does. No -ffast-math:
             # NaN and inf follow IEEE and sums keep the order written in the source.
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c99"],

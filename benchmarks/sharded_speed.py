@@ -27,6 +27,7 @@ Contenders, each in its own process, alternated in one run (`--repeat` rounds):
                --also no-floor-malloc)
   values       (--also values) the same comparison with stored bytes off: every chunk decoded
   mallopt      (--also mallopt) the command line with glibc's mmap threshold at 4 MiB instead
+  numpy        (--also numpy) the command line with the numpy kernels (CKPTPARITY_NATIVE=0)
   pytest       (--also pytest) the plugin (`--ckpt-a/--ckpt-b`), serial and with `-n 2`
 
 Reported: median wall time with min-max, median CPU seconds (user + sys of the child and its
@@ -241,6 +242,9 @@ def summary(runs: list[tuple[float, float, float, int]]) -> dict:
             "cpu": statistics.median(r[1] for r in runs), "rss": max(r[2] for r in runs), "runs": walls}
 
 
+ENV_ARGS = ("FLOOR_MALLOC=", "CKPTPARITY_NATIVE=")  # contender arguments that are environment variables
+
+
 def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dict:
     """Every pair holds the same model within tolerance: every contender must exit 0."""
     py = sys.executable
@@ -258,6 +262,8 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
     if "pytest" in more:  # the plugin, one item per layer stack or leaf, serial and on 2 xdist workers
         contenders["pytest"] = pytest
         contenders["pytest-n2"] = pytest + ["-n", "2"]
+    if "numpy" in more:  # the command with the numpy kernels instead of the native (C) ones
+        contenders["numpy"] = contenders["ckptparity"] + ["CKPTPARITY_NATIVE=0"]
     if "mallopt" in more:
         contenders["mallopt"] = [py, "-c", MALLOPT, a, b, "--color", "no", *extra]
     run_once(contenders["floor"])  # warm the page cache: every contender then reads from memory
@@ -265,8 +271,8 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
     runs: dict[str, list] = {k: [] for k in contenders}
     for _ in range(repeat):
         for key, cmd in contenders.items():
-            env = dict(x.split("=", 1) for x in cmd if x.startswith("FLOOR_MALLOC="))
-            run = run_once([x for x in cmd if not x.startswith("FLOOR_MALLOC=")], env)
+            env = dict(x.split("=", 1) for x in cmd if x.startswith(ENV_ARGS))
+            run = run_once([x for x in cmd if not x.startswith(ENV_ARGS)], env)
             if run[3] != 0:
                 raise SystemExit(f"{key}: exit code {run[3]}: {' '.join(cmd)}")
             runs[key].append(run)
@@ -286,10 +292,10 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0, help="also run each variant this many times larger")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--repeat", type=int, default=5, help="rounds; in each, every contender runs once")
-    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest", "floor-malloc", "no-floor-malloc"),
+    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest", "floor-malloc", "no-floor-malloc", "numpy"),
                    help="more contenders: 'values' (stored bytes off: every chunk decoded), 'mallopt' (the CLI with a "
                         "4 MiB mmap threshold), 'pytest' (the plugin serial and with -n 2); 'no-floor-malloc' drops the "
-                        "floor with the command's malloc settings (run by default)")
+                        "floor with the command's malloc settings (run by default); 'numpy' (the CLI with CKPTPARITY_NATIVE=0)")
     p.add_argument("--dir", default="/tmp/ckptbench-sharded", help="where pairs are written (reused when present)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()

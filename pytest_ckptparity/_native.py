@@ -55,6 +55,12 @@ def library() -> Any:
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, i64p, i64p, i64p, ctypes.c_uint64,
                                ctypes.POINTER(ctypes.c_double), i64p, ctypes.POINTER(ctypes.c_uint64)]
+                fn = getattr(lib, "ckpt_compare_piece", None)  # kernel.py `_fast_piece`; None in an older build
+                if fn is not None:
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
                 _lib = lib
     return _lib
 
