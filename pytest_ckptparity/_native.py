@@ -6,8 +6,9 @@ element and a tolerance test about ten, and together they cost more than decodin
 chunks. The C loops read each element once. ctypes releases the GIL during a call, so
 pieces still spread over the kernel's thread pool.
 
-Without the library (no C compiler at install time, or `CKPTPARITY_NATIVE=0` in the
-environment) every caller uses its numpy path. Digests and verdicts are the same either
+Without the library (no C compiler at install time, `CKPTPARITY_NATIVE=0` in the
+environment, or a library older than the sources beside it or built for another calling
+convention) every caller uses its numpy path. Digests and verdicts are the same either
 way; float64 statistics agree to rounding (their sums are taken in another order).
 """
 
@@ -20,10 +21,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 _NAME = "_ckptkernel"
+ABI = 2  # native/fingerprint.c `ckpt_kernel_abi()`: a library built from other sources is not used
+_OFF = ("0", "no", "false", "off")
+_ON = ("", "1", "yes", "true", "on")
 _lib: Any = None
-_loaded = False
+_state = ""  # why there is no library: "off", "not built", "stale", "failed to load"
 
-# Element kinds the C fingerprint loop reads (native/fingerprint.c `enum kind`).
+# Element kinds the C loops read (native/fingerprint.c `enum kind`).
 FINGERPRINT_KINDS = {"float32": 0, "float64": 1, "bfloat16": 2, "float16": 3}
 
 
@@ -36,39 +40,77 @@ def _path() -> Optional[Path]:
     return None
 
 
-def library() -> Any:
-    """The loaded library, or None (not built, failed to load, or turned off)."""
-    global _lib, _loaded
-    if os.environ.get("CKPTPARITY_NATIVE", "1").strip().lower() in ("0", "no", "false", "off"):
+def _turned_off() -> bool:
+    value = os.environ.get("CKPTPARITY_NATIVE", "").strip().lower()
+    if value in _OFF:
+        return True
+    if value not in _ON:
+        from pytest_ckptparity.errors import CkptParityUsageError
+
+        raise CkptParityUsageError(f"CKPTPARITY_NATIVE must be 1 (use the C kernels when built) or 0 (numpy kernels), got {value!r}.")
+    return False
+
+
+def check_environment() -> None:
+    """Raise the usage error for a CKPTPARITY_NATIVE that is neither on nor off."""
+    _turned_off()
+
+
+def _stale(path: Path, sources: Path = Path(__file__).parent / "native") -> bool:
+    """The C sources next to the package (an editable install) are newer than the library:
+    it was built from other code (a `git pull` without reinstalling, or a failed rebuild)."""
+    files = list(sources.glob("*.c"))
+    return bool(files) and max(p.stat().st_mtime for p in files) > path.stat().st_mtime
+
+
+def _load(path: Path) -> Any:
+    try:
+        lib = ctypes.CDLL(str(path))
+        abi = lib.ckpt_kernel_abi
+    except (OSError, AttributeError):
         return None
-    if not _loaded:
-        _loaded = True
+    abi.restype = ctypes.c_int
+    abi.argtypes = []
+    if abi() != ABI:
+        return None
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    fn = lib.ckpt_fingerprint_piece
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, i64p, i64p, i64p, ctypes.c_uint64,
+                   ctypes.POINTER(ctypes.c_double), i64p, ctypes.POINTER(ctypes.c_uint64)]
+    fn = lib.ckpt_compare_piece  # kernel.py `_fast_piece`
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
+
+
+def library() -> Any:
+    """The loaded library, or None (turned off, not built, stale or failed to load)."""
+    global _lib, _state
+    if _turned_off():
+        return None
+    if _lib is None and not _state:
         path = _path()
-        if path is not None:
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError:
-                lib = None
-            if lib is not None:
-                i64p = ctypes.POINTER(ctypes.c_int64)
-                fn = lib.ckpt_fingerprint_piece
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, i64p, i64p, i64p, ctypes.c_uint64,
-                               ctypes.POINTER(ctypes.c_double), i64p, ctypes.POINTER(ctypes.c_uint64)]
-                fn = getattr(lib, "ckpt_compare_piece", None)  # kernel.py `_fast_piece`; None in an older build
-                if fn is not None:
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-                _lib = lib
+        if path is None:
+            _state = "not built"
+        elif _stale(path):
+            _state = "stale"
+        else:
+            _lib = _load(path)
+            _state = "" if _lib is not None else "failed to load"
     return _lib
 
 
 def status() -> str:
-    """One line for `ckptparity --version`: which kernels this install uses."""
+    """A short line for `ckptparity --version`: which kernels this install uses."""
+    if _turned_off():
+        return "native kernels: off (CKPTPARITY_NATIVE=0)"
     if library() is not None:
         return "native kernels: yes"
-    if os.environ.get("CKPTPARITY_NATIVE", "1").strip().lower() in ("0", "no", "false", "off"):
-        return "native kernels: off (CKPTPARITY_NATIVE=0): numpy kernels"
-    return "native kernels: not built (no C compiler at install): numpy kernels, same verdicts, slower"
+    return {
+        "not built": "native kernels: not built, numpy used",
+        "stale": "native kernels: stale build, numpy used; reinstall",
+        "failed to load": "native kernels: failed to load, numpy used",
+    }[_state]

@@ -387,6 +387,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"inspect": run_inspect, "demo": run_demo, "compare": run_compare, "fingerprint": run_fingerprint}
     try:
+        from pytest_ckptparity import _native, _threads
+
+        _native.check_environment()  # a misspelt CKPTPARITY_NATIVE or CKPTPARITY_THREADS: one sentence, before any read
+        _threads.process_threads()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])
         return run_compare(argv)

@@ -92,6 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ckpt_parity(**kwargs): override assert_ckpt_parity options (atol, rtol, include, exclude, ...) for the ckpt_parity fixture of one test.")
     config.addinivalue_line("markers", "ckpt_matrix(*names): run the test once per pair of named checkpoints (fixture ckpt_pair), ids like 'a-vs-b'.")
     settings = build_settings(config)
+    _check_environment()
     _check_report_option(config)
     _check_html_option(config)
     config.stash[settings_key] = settings
@@ -112,6 +113,19 @@ def pytest_configure(config: pytest.Config) -> None:
     from pytest_ckptparity._fingerprint_plugin import FingerprintTracker
 
     config.pluginmanager.register(FingerprintTracker(config), "ckptparity-fingerprints")
+
+
+def _check_environment() -> None:
+    """CKPTPARITY_NATIVE and CKPTPARITY_THREADS, before any test runs: a misspelt value is
+    one sentence, not a failure in whichever test first touches a checkpoint."""
+    from pytest_ckptparity import _native, _threads
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    try:
+        _native.check_environment()
+        _threads.process_threads()
+    except CkptParityUsageError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def _check_report_option(config: pytest.Config) -> None:

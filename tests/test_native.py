@@ -150,3 +150,46 @@ def test_scalar_leaves_take_the_native_kernel_too(tmp_path, monkeypatch):
         run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", *argv], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr
     assert "every digest equal" in run.stdout
+
+
+def test_a_library_older_than_its_sources_is_not_used(tmp_path):
+    """After a `git pull` without reinstalling (or a failed rebuild) the library beside the
+    package was built from other code: it must not be loaded."""
+    lib, sources = tmp_path / "_ckptkernel.so", tmp_path / "native"
+    sources.mkdir()
+    (sources / "fingerprint.c").write_text("/* old */")
+    lib.write_bytes(b"")
+    os.utime(sources / "fingerprint.c", (1_000, 1_000))
+    os.utime(lib, (2_000, 2_000))
+    assert not _native._stale(lib, sources)
+    os.utime(sources / "fingerprint.c", (3_000, 3_000))
+    assert _native._stale(lib, sources)
+    assert not _native._stale(lib, tmp_path / "no-sources-here")  # a wheel install ships no sources
+
+
+def test_a_library_of_another_calling_convention_is_not_loaded(tmp_path):
+    src = tmp_path / "old.c"
+    src.write_text("int ckpt_kernel_abi(void) { return 1; }\nint ckpt_fingerprint_piece(void) { return 0; }\n")
+    lib = tmp_path / "old.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True, timeout=120)
+    assert _native._load(lib) is None
+    src.write_text("int nothing(void) { return 0; }\n")  # a library with no version at all
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True, timeout=120)
+    assert _native._load(lib) is None
+    assert _native._load(_native._path()) is not None  # this install's own library
+
+
+@pytest.mark.parametrize("value,expected", [("0", "native kernels: off (CKPTPARITY_NATIVE=0)"), ("off", "native kernels: off (CKPTPARITY_NATIVE=0)"),
+                                            ("1", "native kernels: yes"), ("", "native kernels: yes")])
+def test_the_switch_reads_yes_and_no(value, expected):
+    run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", "--version"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CKPTPARITY_NATIVE": value})
+    assert run.stdout.strip().endswith(f"({expected})")
+    assert len(run.stdout.strip().splitlines()) == 1
+
+
+def test_a_misspelt_switch_is_one_sentence(demo_ckpts):
+    run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", demo_ckpts["linen"], demo_ckpts["nnx"]], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "CKPTPARITY_NATIVE": "flase"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == "ckptparity: error: CKPTPARITY_NATIVE must be 1 (use the C kernels when built) or 0 (numpy kernels), got 'flase'."

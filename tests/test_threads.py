@@ -66,3 +66,17 @@ def test_each_xdist_worker_takes_its_share(pytester):
     """)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("CKPTPARITY_THREADS", "lots", "ERROR: CKPTPARITY_THREADS must be a positive whole number of threads, got 'lots'; unset it to use every core."),
+    ("CKPTPARITY_NATIVE", "maybe", "ERROR: CKPTPARITY_NATIVE must be 1 (use the C kernels when built) or 0 (numpy kernels), got 'maybe'."),
+])
+def test_a_misspelt_environment_stops_pytest_before_any_test(pytester, monkeypatch, name, value, message):
+    pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
+    monkeypatch.setenv(name, value)
+    for xdist in ([], ["-n", "2"]):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *xdist)
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines([message])
+        assert "Traceback" not in result.stderr.str()

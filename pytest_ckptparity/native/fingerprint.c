@@ -339,3 +339,7 @@ int ckpt_fingerprint_piece(const char *data, int kind, int ndim, const int64_t *
     out_i[3] = finite;
     return 0;
 }
+
+/* The calling convention of this library's functions (native/*.c). `_native.py` loads the
+ * library only when it expects the same number: bump both when a signature or a rule changes. */
+int ckpt_kernel_abi(void) { return 2; }
