@@ -204,6 +204,12 @@ class Comparison:
             open_checkpoint(a, step=step_a, name=na, **({"storage_options": so_a} if so_a else {})),
             open_checkpoint(b, step=step_b, name=nb, **({"storage_options": so_b} if so_b else {})),
         )
+        if isinstance(scan_axis, (tuple, list)):  # an axis per side: a fingerprint side has none to choose
+            for side, ckpt, axis in zip((na, nb), self.checkpoints, axes):
+                if axis is not None and getattr(ckpt, "is_fingerprint", False):
+                    raise CkptParityUsageError(
+                        f"{side}: '{ckpt.location}' is a fingerprint file, whose layer stacks were laid out layer first when it was "
+                        f"taken; give the scan axis of the checkpoint side only (scan_axis=N), or take the fingerprint again with its own.")
         kw = dict(rename=rules, ignore=ignore_globs, ignore_rngs=ignore_rngs)
         self.views: tuple[NormalizedView, NormalizedView] = (
             _normalize(self.checkpoints[0], format_a, {**kw, "scan_axis": axes[0]}),
@@ -464,6 +470,12 @@ def _normalize(ckpt: Checkpoint, layout: Union[str, Layout, None], kw: dict[str,
     """A fingerprint holds its canonical view already; any other source is normalized."""
     own = getattr(ckpt, "canonical_view", None)
     return own(**kw) if own is not None else normalize(ckpt, layout=layout, **kw)
+
+
+def normalized_view(ckpt: Checkpoint, layout: Union[str, Layout, None] = None, **kw: Any) -> NormalizedView:
+    """The canonical view of an opened side (`inspect` shows it): a fingerprint file's own,
+    anything else through the layout rules."""
+    return _normalize(ckpt, layout, kw)
 
 
 def _item_key(path: str, how: str) -> str:

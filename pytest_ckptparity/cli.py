@@ -275,8 +275,7 @@ def _write_html(path: Optional[str], records: list[dict[str, Any]]) -> None:
 
 
 def run_inspect(argv: Sequence[str]) -> int:
-    from pytest_ckptparity.normalize import normalize
-    from pytest_ckptparity.api import open_checkpoint
+    from pytest_ckptparity.api import normalized_view, open_checkpoint
 
     p = argparse.ArgumentParser(prog="ckptparity inspect", description="Show the detected layout and the normalized tree, from metadata only.")
     p.add_argument("path")
@@ -284,7 +283,7 @@ def run_inspect(argv: Sequence[str]) -> int:
     p.add_argument("--format", metavar="LAYOUT", help="force a layout")
     p.add_argument("--compare-rngs", action="store_true", help="list RNG state among the leaves")
     args = p.parse_args(argv)
-    view = normalize(open_checkpoint(args.path, step=args.step, name="checkpoint"), layout=args.format, ignore_rngs=not args.compare_rngs)
+    view = normalized_view(open_checkpoint(args.path, step=args.step, name="checkpoint"), args.format, ignore_rngs=not args.compare_rngs)
     step = view.checkpoint.step
     print(f"{view.checkpoint.location}" + (f" (step {step})" if step is not None else ""))
     print(f"layout: {view.describe()} [{view.layout.name}]")
@@ -352,8 +351,16 @@ def run_fingerprint(argv: Sequence[str]) -> int:
     p.add_argument("--include", action="append", metavar="GLOB")
     p.add_argument("--exclude", action="append", metavar="GLOB")
     p.add_argument("--compare-rngs", action="store_true", help="include NNX RNG state")
+    p.add_argument("--scan-axis", metavar="AXIS", help="the axis layer stacks are stored on (default: recorded in the checkpoint, else 1; NNX vmap stacks: 0)")
     p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 256)")
     args = p.parse_args(argv)
+    from pytest_ckptparity.api import parse_scan_axis
+
+    scan_axis = None if args.scan_axis is None else parse_scan_axis("--scan-axis", args.scan_axis)
+    if isinstance(scan_axis, tuple):
+        from pytest_ckptparity.errors import CkptParityUsageError
+
+        raise CkptParityUsageError(f"--scan-axis {args.scan_axis!r}: a fingerprint reads one checkpoint; give one axis, e.g. --scan-axis 0.")
     if not args.output.endswith(".json"):
         from pytest_ckptparity.errors import CkptParityUsageError
 
@@ -364,7 +371,7 @@ def run_fingerprint(argv: Sequence[str]) -> int:
     _keep_freed_memory_for_reuse()
     fp = take_fingerprint(
         args.path, step=args.step, format=args.format, include=args.include, exclude=args.exclude, ignore_rngs=not args.compare_rngs,
-        **({} if args.read_budget is None else {"read_budget": _budget_bytes(args.read_budget)}),
+        scan_axis=scan_axis, **({} if args.read_budget is None else {"read_budget": _budget_bytes(args.read_budget)}),
     )
     out = write_fingerprint(fp, args.output)
     print(f"{out}: fingerprint of {len(fp.leaves)} leaves ({fp.layout}) from {fp.location}, {fp.bytes_read:,} bytes read in {fp.wall_time:.2f} s, {out.stat().st_size:,} bytes written")

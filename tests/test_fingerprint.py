@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -399,6 +400,37 @@ def test_cli_fingerprint_and_compare_against_it(demo_ckpts, tmp_path):
     assert missing.stderr.strip() == f"ckptparity: error: fingerprint file '{tmp_path / 'nope.json'}' does not exist; create it with 'ckptparity fingerprint CKPT -o {tmp_path / 'nope.json'}' or run pytest with --ckpt-update-fingerprints."
     wrong = cli("fingerprint", demo_ckpts["linen"], "-o", str(tmp_path / "x.txt"))
     assert wrong.returncode == 2 and "must end in .json" in wrong.stderr
+
+
+def test_cli_fingerprint_takes_the_scan_axis_and_inspect_reads_the_file(tmp_path):
+    """A stack on axis 0 (nnx.vmap's) with no axis recorded: `--scan-axis 0` writes a file the
+    axis-1 twin matches; `inspect FILE.json` shows the file's own layer-first leaves."""
+    from pytest_ckptparity import examples as ex
+
+    params = ex.tiny_params(layers=2)
+    axis0 = {k: v for k, v in params["decoder"].items() if k != "layers"}
+    import jax
+
+    axis0["layers"] = jax.tree_util.tree_map(lambda x: np.moveaxis(np.asarray(x), 1, 0), params["decoder"]["layers"])
+    stacked0 = ex.save(tmp_path / "axis0", {"params": {**params, "decoder": axis0}}, step=0)
+    stacked1 = ex.save(tmp_path / "axis1", {"params": params}, step=0)
+    good, wrong = tmp_path / "good.json", tmp_path / "wrong.json"
+    assert cli("fingerprint", stacked0, "-o", str(good), "--scan-axis", "0").returncode == 0
+    assert cli("fingerprint", stacked0, "-o", str(wrong)).returncode == 0
+    ok = cli(stacked1, str(good), "--color", "no")
+    assert ok.returncode == 0 and "every digest equal" in ok.stdout, ok.stdout + ok.stderr
+    bad = cli(stacked1, str(wrong), "--color", "no")
+    assert bad.returncode == 1 and "[layout]" in bad.stdout
+    pair = cli(stacked1, str(good), "--scan-axis", "1,0")
+    assert pair.returncode == 2 and pair.stderr.strip() == (
+        f"ckptparity: error: B: '{good}' is a fingerprint file, whose layer stacks were laid out layer first when it was taken; "
+        "give the scan axis of the checkpoint side only (scan_axis=N), or take the fingerprint again with its own.")
+    two = cli("fingerprint", stacked0, "-o", str(good), "--scan-axis", "0,1")
+    assert two.returncode == 2 and "a fingerprint reads one checkpoint; give one axis" in two.stderr
+    shown = cli("inspect", str(good))
+    assert shown.returncode == 0, shown.stderr
+    assert "layout: fingerprint of " in shown.stdout
+    assert re.search(r"params/decoder/layers/mlp/wi_0/kernel +float32 +\(2, 16, 32\)  2 layers x \(16, 32\)", shown.stdout)
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
