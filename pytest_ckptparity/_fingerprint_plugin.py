@@ -40,6 +40,7 @@ class FingerprintRun:
 
     update: bool = False
     used: set[str] = field(default_factory=set)  # fingerprint files read or written
+    missing: set[str] = field(default_factory=set)  # asked for, not there (their tests failed)
     written: list[str] = field(default_factory=list)
     unchanged: int = 0
     selected: dict[str, set[str]] = field(default_factory=dict)  # folder -> test file stems selected
@@ -52,13 +53,14 @@ class FingerprintRun:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "used": sorted(self.used), "written": self.written, "unchanged": self.unchanged,
+            "used": sorted(self.used), "missing": sorted(self.missing), "written": self.written, "unchanged": self.unchanged,
             "selected": {k: sorted(v) for k, v in self.selected.items()}, "partial": sorted(self.partial),
             "users": sorted(self.users),
         }
 
     def merge(self, d: dict[str, Any]) -> None:
         self.used.update(d.get("used", ()))
+        self.missing.update(d.get("missing", ()))
         self.written.extend(d.get("written", ()))
         self.unchanged += int(d.get("unchanged", 0))
         for k, v in d.get("selected", {}).items():
@@ -134,18 +136,25 @@ class FingerprintTracker:
             return
         tr.write_sep("-", "checkpoint fingerprints")
         if run.update:
-            tr.write_line(f"{len(run.written)} fingerprint files written, {run.unchanged} unchanged, {len(run.deleted)} unused deleted")
+            tr.write_line(f"{_files(len(run.written))} written, {run.unchanged} unchanged, {len(run.deleted)} unused deleted")
             for f in sorted(run.written):
                 tr.write_line(f"  written: {f}")
             for f in sorted(run.deleted):
                 tr.write_line(f"  deleted: {f}")
         elif run.unused:
-            tr.write_line(f"{len(run.unused)} fingerprint files unused (no test uses them; delete them or run with {UPDATE_OPTION}):", yellow=True)
+            tr.write_line(f"{_files(len(run.unused))} unused (no test uses them; delete them or run with {UPDATE_OPTION}):", yellow=True)
             for f in run.unused:
                 tr.write_line(f"  unused: {f}")
-        else:
-            n = len(run.used)
-            tr.write_line(f"{n} fingerprint {'file' if n == 1 else 'files'} checked, none unused")
+        elif run.used - run.missing or not run.missing:
+            tr.write_line(f"{_files(len(run.used - run.missing))} checked, none unused")
+        if run.missing and not run.update:
+            tr.write_line(f"{_files(len(run.missing))} missing (their tests failed; run pytest with {UPDATE_OPTION} to create them):", yellow=True)
+            for f in sorted(run.missing):
+                tr.write_line(f"  missing: {f}")
+
+
+def _files(n: int) -> str:
+    return f"{n} fingerprint {'file' if n == 1 else 'files'}"
 
 
 def find_unused(run: FingerprintRun) -> list[str]:
@@ -204,6 +213,7 @@ class FingerprintFixture:
             if self.run.update:
                 return self._update(ckpt_or_tree, path, options)
             if not path.is_file():
+                self.run.missing.add(str(path))
                 pytest.fail(f"fingerprint file '{path}' does not exist; run pytest with {UPDATE_OPTION} to create it.", pytrace=False)
             from pytest_ckptparity.api import assert_ckpt_fingerprint
 

@@ -52,7 +52,7 @@ _MASK = (1 << 64) - 1
 _G = np.uint64(0x9E3779B97F4A7C15)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
-HOW_TO_CREATE = "create it with 'ckptparity fingerprint CKPT -o {path}' or run pytest with --ckpt-update-fingerprints"
+HOW_TO_CREATE = "create it with 'ckptparity fingerprint CKPT -o {path}' (a file of the ckpt_fingerprint fixture: run pytest with --ckpt-update-fingerprints)"
 
 
 # --------------------------------------------------------------------------------------
@@ -589,7 +589,7 @@ def _leaf_from(path: str, d: Any) -> LeafPrint:
 
 def from_json(text: str, where: str = "<fingerprint>") -> Fingerprint:
     """Parse and check a fingerprint file; any damage is one `CkptParityUsageError` sentence."""
-    regen = "regenerate it with --ckpt-update-fingerprints or 'ckptparity fingerprint CKPT -o FILE'"
+    regen = "regenerate it with 'ckptparity fingerprint CKPT -o FILE' (a file of the ckpt_fingerprint fixture: pytest --ckpt-update-fingerprints)"
     try:
         data = json.loads(text)
     except ValueError as e:

@@ -186,7 +186,7 @@ def _with_checksum(data: dict) -> None:
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda p: p.write_text(p.read_text()[:500]), "is not a valid fingerprint file (not JSON: *); regenerate it with --ckpt-update-fingerprints or 'ckptparity fingerprint CKPT -o FILE'."),
+    (lambda p: p.write_text(p.read_text()[:500]), "is not a valid fingerprint file (not JSON: *); regenerate it with 'ckptparity fingerprint CKPT -o FILE' (a file of the ckpt_fingerprint fixture: pytest --ckpt-update-fingerprints)."),
     (lambda p: p.write_text("[1, 2]"), "is not a ckptparity fingerprint file (no \"format\": \"ckptparity-fingerprint\"); pass a file written by 'ckptparity fingerprint'."),
     (lambda p: _rewrite(p, lambda d: d.update(schema=9)), "was written by a newer pytest-ckptparity; upgrade it."),
     (lambda p: _rewrite(p, lambda d: d["leaves"]["step"].update(stats=[1, 0, 0, 0, 8.0, 8.0, 8.0, 0.0, 8.0, 8.0])), "was edited by hand or damaged (its checksum does not match its contents); *"),
@@ -397,7 +397,7 @@ def test_cli_fingerprint_and_compare_against_it(demo_ckpts, tmp_path):
     assert "layer 1: mean -0.00219037 -> -0.0012138 (moved +0.000977, allowed 1.03e-05)" in bad.stdout
     missing = cli(demo_ckpts["nnx"], str(tmp_path / "nope.json"))
     assert missing.returncode == 2
-    assert missing.stderr.strip() == f"ckptparity: error: fingerprint file '{tmp_path / 'nope.json'}' does not exist; create it with 'ckptparity fingerprint CKPT -o {tmp_path / 'nope.json'}' or run pytest with --ckpt-update-fingerprints."
+    assert missing.stderr.strip() == f"ckptparity: error: fingerprint file '{tmp_path / 'nope.json'}' does not exist; create it with 'ckptparity fingerprint CKPT -o {tmp_path / 'nope.json'}' (a file of the ckpt_fingerprint fixture: run pytest with --ckpt-update-fingerprints)."
     wrong = cli("fingerprint", demo_ckpts["linen"], "-o", str(tmp_path / "x.txt"))
     assert wrong.returncode == 2 and "must end in .json" in wrong.stderr
 
@@ -460,8 +460,9 @@ def test_update_writes_then_runs_pass_then_a_drift_fails(pytester, demo_ckpts, x
     first.stdout.fnmatch_lines_random([
         "*fingerprint file '*__fingerprints__/test_golden/test_linen.json' does not exist; run pytest with --ckpt-update-fingerprints to create it.*",
         "*3 failed*",
+        "3 fingerprint files missing (their tests failed; run pytest with --ckpt-update-fingerprints to create them):",
     ])
-    assert "Traceback" not in first.stdout.str()
+    assert "Traceback" not in first.stdout.str() and "checked" not in first.stdout.str()
     update = run(pytester, "--ckpt-update-fingerprints", *xdist)
     assert update.ret == 0
     update.stdout.fnmatch_lines_random(["5 fingerprint files written, 0 unchanged, 0 unused deleted", "*3 passed*"])
@@ -494,7 +495,7 @@ def test_unused_files_are_reported_only_when_their_module_ran_whole(pytester, de
     full = run(pytester, *xdist)
     assert full.ret == 0
     full.stdout.fnmatch_lines_random([
-        "1 fingerprint files unused (no test uses them; delete them or run with --ckpt-update-fingerprints):",
+        "1 fingerprint file unused (no test uses them; delete them or run with --ckpt-update-fingerprints):",
         f"  unused: {folder / 'test_removed.json'}",
     ])
     selected = run(pytester, "-k", "linen", *xdist)
@@ -512,7 +513,7 @@ def test_a_damaged_golden_file_fails_its_test_with_one_sentence(pytester, demo_c
     golden.write_text(golden.read_text().replace('"dtype": "int32"', '"dtype": "int64"', 1))
     result = run(pytester, "-k", "test_linen")
     assert result.ret == 1
-    result.stdout.fnmatch_lines([f"*'{golden}' was edited by hand or damaged (its checksum does not match its contents); regenerate it with --ckpt-update-fingerprints*"])
+    result.stdout.fnmatch_lines([f"*'{golden}' was edited by hand or damaged (its checksum does not match its contents); regenerate it with 'ckptparity fingerprint CKPT -o FILE' (a file of the ckpt_fingerprint fixture: pytest --ckpt-update-fingerprints)*"])
     assert "Traceback" not in result.stdout.str()
 
 
