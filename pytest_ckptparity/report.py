@@ -146,7 +146,7 @@ def side_line(report: ParityReport, side: int) -> str:
 def _header(report: ParityReport) -> list[str]:
     lines = [side_line(report, 0), side_line(report, 1), *report.notes]
     if report.ignored:
-        why = " (RNG state is ignored by default; compare_rngs / ignore_rngs=False includes it)" if report.rngs_ignored else ""
+        why = " (RNG state among them: it is left out by default; compare_rngs / ignore_rngs=False includes it)" if report.rngs_ignored else ""
         lines.append(f"{report.ignored} {'leaf' if report.ignored == 1 else 'leaves'} left out by scope or layout rules{why}")
     return [l for l in lines if l]
 
