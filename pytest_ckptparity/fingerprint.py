@@ -48,6 +48,7 @@ FORMAT = "ckptparity-fingerprint"
 SCHEMA = 1
 STAT_FIELDS = ("count", "nan", "posinf", "neginf", "min", "max", "mean", "std", "l2", "sum_abs")
 _COUNTS = frozenset(STAT_FIELDS[:4])
+NATIVE_PIECE_ELEMENTS = 1 << 20
 _MASK = (1 << 64) - 1
 _G = np.uint64(0x9E3779B97F4A7C15)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -196,7 +197,7 @@ def _digest(x: np.ndarray, base: int, strides: tuple[int, ...]) -> int:
 
 
 def _piece_acc(x: np.ndarray, base: int, strides: tuple[int, ...]) -> _Acc:
-    """Statistics and digest of one piece (at most PIECE_ELEMENTS elements): in the native
+    """Statistics and digest of one piece: in the native
     kernel when it is built and takes the dtype, else with numpy (same digest)."""
     x = np.asarray(x)  # a 0-d leaf indexed with () is a numpy scalar, which has no buffer to hand to C
     acc = _Acc()
@@ -400,17 +401,20 @@ def _fold_block(leaf: LogicalLeaf, block: tuple[slice, ...], data: Any, parts: l
     spread over the thread pool and merged in order."""
     strides = _strides(leaf.shape)
     origin = tuple(s.start for s in block)
+    # The C loop needs no temporaries, so its pieces only spread work over the pool: larger
+    # ones cost less Python per element (numpy's pieces bound its scratch buffers).
+    limit = NATIVE_PIECE_ELEMENTS if _native.library() is not None else PIECE_ELEMENTS
     jobs: list[tuple[int, Any, int]] = []  # (accumulator index, piece array, flat base)
     if leaf.layers is None:
         arr = np.asarray(data)
-        for piece in _pieces(arr.shape, PIECE_ELEMENTS):
+        for piece in _pieces(arr.shape, limit):
             start = [o + (piece[i].start if i < len(piece) else 0) for i, o in enumerate(origin)]
             jobs.append((0, arr[piece], sum(a * s for a, s in zip(start, strides))))
     else:
         for i in range(block[0].stop - block[0].start):
             layer = origin[0] + i
             arr = np.asarray(data[i])  # a list of per-layer arrays or a stacked block: same indexing
-            for piece in _pieces(arr.shape, PIECE_ELEMENTS):
+            for piece in _pieces(arr.shape, limit):
                 start = [layer] + [o + (piece[k].start if k < len(piece) else 0) for k, o in enumerate(origin[1:])]
                 jobs.append((layer, arr[piece], sum(a * s for a, s in zip(start, strides))))
 
