@@ -28,7 +28,8 @@ Contenders, each in its own process, alternated in one run (`--repeat` rounds):
   values       (--also values) the same comparison with stored bytes off: every chunk decoded
   mallopt      (--also mallopt) the command line with glibc's mmap threshold at 4 MiB instead
   numpy        (--also numpy) the command line with the numpy kernels (CKPTPARITY_NATIVE=0)
-  pytest       (--also pytest) the plugin (`--ckpt-a/--ckpt-b`), serial and with `-n 2`
+  pytest       (--also pytest) the plugin (`--ckpt-a/--ckpt-b`), serial and with `-n 2` (each worker
+               its share of the cores, and each sized to every core with CKPTPARITY_THREADS)
 
 Reported: median wall time with min-max, median CPU seconds (user + sys of the child and its
 children; less sensitive than wall time to other load on the machine), peak RSS (highest
@@ -242,7 +243,7 @@ def summary(runs: list[tuple[float, float, float, int]]) -> dict:
             "cpu": statistics.median(r[1] for r in runs), "rss": max(r[2] for r in runs), "runs": walls}
 
 
-ENV_ARGS = ("FLOOR_MALLOC=", "CKPTPARITY_NATIVE=")  # contender arguments that are environment variables
+ENV_ARGS = ("FLOOR_MALLOC=", "CKPTPARITY_NATIVE=", "CKPTPARITY_THREADS=")  # contender arguments that are environment variables
 
 
 def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dict:
@@ -262,6 +263,8 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
     if "pytest" in more:  # the plugin, one item per layer stack or leaf, serial and on 2 xdist workers
         contenders["pytest"] = pytest
         contenders["pytest-n2"] = pytest + ["-n", "2"]
+        # each worker sized to every core, as before workers shared them (CKPTPARITY_THREADS)
+        contenders["pytest-n2-all-cores"] = pytest + ["-n", "2", f"CKPTPARITY_THREADS={len(os.sched_getaffinity(0))}"]
     if "numpy" in more:  # the command with the numpy kernels instead of the native (C) ones
         contenders["numpy"] = contenders["ckptparity"] + ["CKPTPARITY_NATIVE=0"]
     if "mallopt" in more:
