@@ -599,9 +599,15 @@ def take_fingerprint(
         return ckpt.fingerprint  # type: ignore[attr-defined]
     inc, exc, ign = _globs("include", include), _globs("exclude", exclude), _globs("ignore", ignore)
     view = normalize(ckpt, layout=format, rename=_rename_rules(rename), ignore=ign, ignore_rngs=ignore_rngs, scan_axis=scan_axis)
+    groups = ", ".join(sorted({p.split("/")[0] for p in view.leaves})) or "none"
+    for pattern in inc:  # as in a comparison: a misspelt glob must not quietly narrow what the file covers
+        if not any(glob_match(p, pattern) for p in view.leaves):
+            raise CkptParityUsageError(
+                f"include glob {pattern!r} matches no leaf of '{ckpt.location}'; the top-level groups are: {groups}. "
+                f"Check its spelling (`ckptparity inspect PATH` lists every path).")
     paths = [p for p in view.leaves if in_scope(p, inc, exc)]
     if not paths:
-        raise CkptParityUsageError(f"{name}: no leaf of '{ckpt.location}' is in scope (include={list(inc)}, exclude={list(exc)}); a fingerprint of nothing would check nothing.")
+        raise CkptParityUsageError(f"no leaf of '{ckpt.location}' is in scope (include={list(inc)}, exclude={list(exc)}; the top-level groups are: {groups}); a fingerprint of nothing would check nothing.")
     scope = {k: list(v) for k, v in (("include", inc), ("exclude", exc), ("ignore", ign)) if v}
     if not ignore_rngs:
         scope["rngs"] = True

@@ -86,7 +86,9 @@ class Checkpoint:
 
 
 def _usage(side: str, path: Any, what: str) -> CkptParityUsageError:
-    return CkptParityUsageError(f"{side}: {what}", path=path)
+    """`A: ...` when there are two sides; a command that reads one checkpoint (inspect,
+    fingerprint) names it "checkpoint", which the sentence already says."""
+    return CkptParityUsageError(what if side == "checkpoint" else f"{side}: {what}", path=path)
 
 
 def _is_committed_step(d: Storage) -> bool:

@@ -433,6 +433,20 @@ def test_cli_fingerprint_takes_the_scan_axis_and_inspect_reads_the_file(tmp_path
     assert re.search(r"params/decoder/layers/mlp/wi_0/kernel +float32 +\(2, 16, 32\)  2 layers x \(16, 32\)", shown.stdout)
 
 
+def test_a_misspelt_include_glob_is_an_error_not_a_narrower_fingerprint(demo_ckpts, tmp_path):
+    """`--include params/** --include opt_stat/**` must not write a file that quietly leaves
+    the optimizer state out; nothing is written for a typo."""
+    out = tmp_path / "scoped.json"
+    typo = cli("fingerprint", demo_ckpts["linen"], "-o", str(out), "--include", "params/**", "--include", "opt_stat/**")
+    assert typo.returncode == 2 and not out.exists()
+    assert typo.stderr.strip().startswith("ckptparity: error: include glob 'opt_stat/**' matches no leaf of '")
+    assert "the top-level groups are: opt_state, params, step." in typo.stderr
+    nothing = cli("fingerprint", demo_ckpts["linen"], "-o", str(out), "--include", "params/**", "--exclude", "params/**")
+    assert nothing.returncode == 2 and "a fingerprint of nothing would check nothing" in nothing.stderr and not out.exists()
+    gone = cli("inspect", str(tmp_path / "nope"))
+    assert gone.stderr.strip().startswith(f"ckptparity: error: checkpoint path '{tmp_path / 'nope'}' does not exist")
+
+
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args)
 
