@@ -546,8 +546,10 @@ def test_a_scoped_fingerprint_checks_only_its_scope_and_says_so(variants, tmp_pa
     report = compare_checkpoints(variants["nnx_pure"], str(golden))
     assert report.passed and len(report.results) == 12
     assert "B is a fingerprint taken with include=['params']: 27 leaves of A outside it are left out" in report.notes
-    with pytest.raises(CkptParityUsageError, match="no leaf of .* is in scope"):
+    with pytest.raises(CkptParityUsageError, match="include glob 'nothing/.*' matches no leaf of .*; the top-level groups are: opt_state, params, step"):
         take_fingerprint(variants["linen_scan"], include="nothing/**")
+    with pytest.raises(CkptParityUsageError, match="no leaf of .* is in scope"):
+        take_fingerprint(variants["linen_scan"], include="params/**", exclude="params/**")
 
 
 def test_a_fingerprint_url_is_refused_in_one_sentence_never_mangled(samples, capsys):
