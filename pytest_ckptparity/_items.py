@@ -33,7 +33,15 @@ class CkptParityItem(pytest.Item):
         self.selection = selection
 
     def runtest(self) -> None:
-        report = self.comparison.run(self.selection)
+        import warnings
+
+        # A generated item has no line of the user's: its warnings (a fingerprint's "not
+        # bit-identical") carry the item's id as their location instead of pytest's runner.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = self.comparison.run(self.selection)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, filename=self.nodeid, lineno=0)
         totals = report.totals()
         # The same properties on every item, pass or fail (JUnit XML; docs/pytest.md).
         self.user_properties.extend([
