@@ -273,13 +273,17 @@ def _fingerprint_scope(va: NormalizedView, vb: NormalizedView) -> tuple[list[str
         if not isinstance(view, FingerprintView):
             continue
         scope = view.fingerprint.scope
+        who = view.name if view.name == "fingerprint" else f"{view.name}, a fingerprint,"
+        if not scope.get("rngs") and any(p == "rngs" or p.startswith("rngs/") or "/rngs/" in p for p in other.leaves):
+            notes.append(f"{who} was taken without RNG state ('ckptparity fingerprint --compare-rngs' takes it): the RNG leaves of "
+                         f"{other.name} have nothing to be compared with")
         inc, exc, ign = tuple(scope.get("include", ())), tuple(scope.get("exclude", ())), tuple(scope.get("ignore", ()))
         if not (inc or exc or ign):
             continue
         out = {p for p in other.leaves if p not in view.leaves and not (in_scope(p, inc, exc) and not any_match(p, ign))}
         outside |= out
         desc = ", ".join(f"{k}={list(v)}" for k, v in (("include", inc), ("exclude", exc), ("ignore", ign)) if v)
-        notes.append(f"{view.name} is a fingerprint taken with {desc}: {len(out)} leaves of {other.name} outside it are left out")
+        notes.append(f"{who} was taken with {desc}: {len(out)} leaves of {other.name} outside it are left out")
     return notes, outside
 
 

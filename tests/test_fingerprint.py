@@ -447,6 +447,21 @@ def test_a_misspelt_include_glob_is_an_error_not_a_narrower_fingerprint(demo_ckp
     assert gone.stderr.strip().startswith(f"ckptparity: error: checkpoint path '{tmp_path / 'nope'}' does not exist")
 
 
+def test_rng_state_against_a_fingerprint_taken_without_it_fails_and_says_why(demo_ckpts, tmp_path):
+    out = tmp_path / "nnx.json"
+    assert cli("fingerprint", demo_ckpts["nnx"], "-o", str(out)).returncode == 0
+    plain = cli(demo_ckpts["nnx"], str(out), "--color", "no")
+    assert plain.returncode == 0 and "RNG state" in plain.stdout  # left out on both sides by default
+    asked = cli(demo_ckpts["nnx"], str(out), "--compare-rngs", "--color", "no")
+    assert asked.returncode == 1 and "[only in A]" in asked.stdout  # never a pass for leaves compared with nothing
+    assert ("B, a fingerprint, was taken without RNG state ('ckptparity fingerprint --compare-rngs' takes it): "
+            "the RNG leaves of A have nothing to be compared with") in asked.stdout
+    with_rngs = tmp_path / "nnx-rngs.json"
+    assert cli("fingerprint", demo_ckpts["nnx"], "-o", str(with_rngs), "--compare-rngs").returncode == 0
+    both = cli(demo_ckpts["nnx"], str(with_rngs), "--compare-rngs", "--color", "no")
+    assert both.returncode == 0 and "was taken without RNG state" not in both.stdout
+
+
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", *args)
 
@@ -549,7 +564,7 @@ def test_a_scoped_fingerprint_checks_only_its_scope_and_says_so(variants, tmp_pa
     golden = write_fingerprint(take_fingerprint(variants["linen_scan"], include="params"), tmp_path / "params.json")
     report = compare_checkpoints(variants["nnx_pure"], str(golden))
     assert report.passed and len(report.results) == 12
-    assert "B is a fingerprint taken with include=['params']: 27 leaves of A outside it are left out" in report.notes
+    assert "B, a fingerprint, was taken with include=['params']: 27 leaves of A outside it are left out" in report.notes
     with pytest.raises(CkptParityUsageError, match="include glob 'nothing/.*' matches no leaf of .*; the top-level groups are: opt_state, params, step"):
         take_fingerprint(variants["linen_scan"], include="nothing/**")
     with pytest.raises(CkptParityUsageError, match="no leaf of .* is in scope"):
