@@ -127,6 +127,11 @@ class FingerprintTracker:
             for f in self.run.unused:
                 Path(f).unlink(missing_ok=True)
                 self.run.deleted.append(f)
+            for folder in {Path(f).parent for f in self.run.unused}:
+                try:
+                    folder.rmdir()  # only when empty: a gone module's folder leaves no trace
+                except OSError:
+                    pass
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if hasattr(self.config, "workerinput"):
@@ -158,8 +163,9 @@ def _files(n: int) -> str:
 
 
 def find_unused(run: FingerprintRun) -> list[str]:
-    """Files in the folders of selected modules that no test claims: their test is gone (only
-    judged when the whole module was selected), or it passed without using them."""
+    """Files that no test claims: in the folders of selected modules, their test is gone (only
+    judged when the whole module was selected) or it passed without using them; and every file
+    in the folder of a module that no longer exists."""
     unused = []
     for folder, stems in sorted(run.selected.items()):
         d = Path(folder)
@@ -174,6 +180,16 @@ def find_unused(run: FingerprintRun) -> list[str]:
                     unused.append(str(f))
             elif any((folder, s) in run.passed and (folder, s) in run.users for s in owners):
                 unused.append(str(f))
+    # The folders of modules that are gone: next to a module this run collected, a folder whose
+    # module no longer exists (no file of that name, whatever its suffix) holds files no test
+    # can use, whatever was selected.
+    for root in sorted({Path(folder).parent for folder in run.selected}):
+        if not root.is_dir():
+            continue
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            if str(sub) in run.selected or any(root.parent.glob(f"{sub.name}.*")):
+                continue
+            unused.extend(str(f) for f in sorted(sub.glob("*.json")) if str(f) not in run.used)
     return unused
 
 

@@ -521,18 +521,32 @@ def test_unused_files_are_reported_only_when_their_module_ran_whole(pytester, de
     assert run(pytester, "--ckpt-update-fingerprints", *xdist).ret == 0
     folder = pytester.path / "__fingerprints__" / "test_golden"
     (folder / "test_removed.json").write_text((folder / "test_linen.json").read_text())
+    gone = pytester.path / "__fingerprints__" / "test_gone"  # the folder of a module deleted since
+    gone.mkdir()
+    (gone / "test_a.json").write_text((folder / "test_linen.json").read_text())
+    kept = pytester.path / "__fingerprints__" / "test_notebook"  # a module that is not a .py file
+    kept.mkdir()
+    (kept / "test_b.json").write_text((folder / "test_linen.json").read_text())
+    (pytester.path / "test_notebook.ipynb").write_text("{}")
     full = run(pytester, *xdist)
     assert full.ret == 0
     full.stdout.fnmatch_lines_random([
-        "1 fingerprint file unused (no test uses them; delete them or run with --ckpt-update-fingerprints):",
+        "2 fingerprint files unused (no test uses them; delete them or run with --ckpt-update-fingerprints):",
         f"  unused: {folder / 'test_removed.json'}",
+        f"  unused: {gone / 'test_a.json'}",
     ])
-    selected = run(pytester, "-k", "linen", *xdist)
-    assert selected.ret == 0 and "files unused" not in selected.stdout.str()
-    selected.stdout.fnmatch_lines_random(["3 fingerprint files checked, none unused"])
+    assert "test_notebook" not in full.stdout.str()
+    selected = run(pytester, "-k", "linen", *xdist)  # a gone module's files are unused whatever is selected
+    assert selected.ret == 0
+    selected.stdout.fnmatch_lines_random(["1 fingerprint file unused (*", f"  unused: {gone / 'test_a.json'}"])
+    assert "test_removed" not in selected.stdout.str()
     cleanup = run(pytester, "--ckpt-update-fingerprints", *xdist)
-    cleanup.stdout.fnmatch_lines_random(["0 fingerprint files written, 5 unchanged, 1 unused deleted", f"  deleted: {folder / 'test_removed.json'}"])
-    assert not (folder / "test_removed.json").exists()
+    cleanup.stdout.fnmatch_lines_random(["0 fingerprint files written, 5 unchanged, 2 unused deleted", f"  deleted: {folder / 'test_removed.json'}",
+                                         f"  deleted: {gone / 'test_a.json'}"])
+    assert not (folder / "test_removed.json").exists() and not gone.exists()
+    assert (kept / "test_b.json").exists()
+    clean = run(pytester, *xdist)
+    clean.stdout.fnmatch_lines_random(["5 fingerprint files checked, none unused"])
 
 
 def test_a_damaged_golden_file_fails_its_test_with_one_sentence(pytester, demo_ckpts):
