@@ -12,6 +12,7 @@ setup(
         Extension(
             "pytest_ckptparity._ckptkernel",
             sources=["pytest_ckptparity/native/fingerprint.c", "pytest_ckptparity/native/compare.c"],
+            depends=["pytest_ckptparity/native/common.h"],  # a changed header rebuilds both (and ships in the sdist)
             # No FMA contraction: every float operation rounds as numpy's does. No -ffast-math:
             # NaN and inf follow IEEE and sums keep the order written in the source.
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c99"],

@@ -7,9 +7,9 @@ chunks. The C loops read each element once. ctypes releases the GIL during a cal
 pieces still spread over the kernel's thread pool.
 
 Without the library (no C compiler at install time, `CKPTPARITY_NATIVE=0` in the
-environment, or a library older than the sources beside it or built for another calling
-convention) every caller uses its numpy path. Digests and verdicts are the same either
-way; float64 statistics agree to rounding (their sums are taken in another order).
+environment, or a library older than the sources (native/*.c, *.h) beside it or built for
+another calling convention) every caller uses its numpy path. Digests and verdicts are the
+same either way; float64 statistics agree to rounding (their sums are taken in another order).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def check_environment() -> None:
 def _stale(path: Path, sources: Path = Path(__file__).parent / "native") -> bool:
     """The C sources next to the package (an editable install) are newer than the library:
     it was built from other code (a `git pull` without reinstalling, or a failed rebuild)."""
-    files = list(sources.glob("*.c"))
+    files = [*sources.glob("*.c"), *sources.glob("*.h")]
     return bool(files) and max(p.stat().st_mtime for p in files) > path.stat().st_mtime
 
 

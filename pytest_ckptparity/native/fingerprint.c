@@ -12,18 +12,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
+
 #define G 0x9E3779B97F4A7C15ULL
 #define C1 0xBF58476D1CE4E5B9ULL
 #define C2 0x94D049BB133111EBULL
 #define LANES 8
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
-
-enum kind { K_FLOAT32 = 0, K_FLOAT64 = 1, K_BFLOAT16 = 2, K_FLOAT16 = 3 };
 
 static inline uint64_t mix64(uint64_t z) {
     z ^= z >> 30;
@@ -32,18 +26,6 @@ static inline uint64_t mix64(uint64_t z) {
     z *= C2;
     z ^= z >> 31;
     return z;
-}
-
-static inline double half_to_double(uint16_t h) {
-    int sign = h >> 15, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    double v;
-    if (exp == 0)
-        v = ldexp((double)man, -24);
-    else if (exp == 31)
-        v = man ? NAN : INFINITY;
-    else
-        v = ldexp((double)(man | 0x400), exp - 25);
-    return sign ? -v : v;
 }
 
 static inline uint64_t load_bits(const char *p, int kind) {
@@ -59,7 +41,7 @@ static inline double to_double(uint64_t bits, int kind) {
     case K_FLOAT32: { uint32_t u = (uint32_t)bits; float f; memcpy(&f, &u, 4); return f; }
     case K_FLOAT64: { double d; memcpy(&d, &bits, 8); return d; }
     case K_BFLOAT16: { uint32_t u = (uint32_t)bits << 16; float f; memcpy(&f, &u, 4); return f; }
-    default: return half_to_double((uint16_t)bits);
+    default: return half_to_float((uint16_t)bits);
     }
 }
 
@@ -340,6 +322,6 @@ int ckpt_fingerprint_piece(const char *data, int kind, int ndim, const int64_t *
     return 0;
 }
 
-/* The calling convention of this library's functions (native/*.c). `_native.py` loads the
+/* The calling convention of this library's functions (both C files). `_native.py` loads the
  * library only when it expects the same number: bump both when a signature or a rule changes. */
 int ckpt_kernel_abi(void) { return 2; }
