@@ -8,12 +8,25 @@ statistics to the controller through `workeroutput`.
 from __future__ import annotations
 
 import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 
 SUITE_NAME = "ckpt-parity"  # the generated items' parent: ckpt-parity::params/...
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """A CkptParityUsageError inside becomes pytest's UsageError: its one sentence, exit 4,
+    no traceback."""
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    try:
+        yield
+    except CkptParityUsageError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 @dataclass
@@ -214,13 +227,10 @@ def _steps_option(config: pytest.Config, s: Settings) -> Any:
     text = getattr(opt, "ckpt_steps", None)
     if text is None:
         return None
-    from pytest_ckptparity.errors import CkptParityUsageError
     from pytest_ckptparity.trajectory import parse_steps
 
-    try:
+    with usage_errors():
         spec = parse_steps(text, "--ckpt-steps")
-    except CkptParityUsageError as e:
-        raise pytest.UsageError(str(e)) from None
     if not (s.ckpt_a and s.ckpt_b):
         raise pytest.UsageError("--ckpt-steps compares the --ckpt-a and --ckpt-b manager roots step by step; pass both.")
     single = [f for f, v in (("--ckpt-step", opt.ckpt_step), ("--ckpt-step-a", opt.ckpt_step_a), ("--ckpt-step-b", opt.ckpt_step_b)) if v is not None]
@@ -247,12 +257,9 @@ def _scan_axis_option(text: Optional[str]) -> Any:
     if text is None:
         return None
     from pytest_ckptparity.api import parse_scan_axis
-    from pytest_ckptparity.errors import CkptParityUsageError
 
-    try:
+    with usage_errors():
         return parse_scan_axis("--ckpt-scan-axis", text)
-    except CkptParityUsageError as e:
-        raise pytest.UsageError(str(e)) from None
 
 
 def _tolerance_option(config: pytest.Config, which: str) -> tuple[Any, str]:

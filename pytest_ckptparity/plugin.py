@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import pytest
 
-from pytest_ckptparity._session import RunStats, Settings, build_settings, open_cached, settings_key, stats_key
+from pytest_ckptparity._session import RunStats, Settings, build_settings, open_cached, settings_key, stats_key, usage_errors
 
 GROUP = "checkpoint parity"
 OPT_A, OPT_B = "--ckpt-a", "--ckpt-b"
@@ -119,13 +119,10 @@ def _check_environment() -> None:
     """CKPTPARITY_NATIVE and CKPTPARITY_THREADS, before any test runs: a misspelt value is
     one sentence, not a failure in whichever test first touches a checkpoint."""
     from pytest_ckptparity import _native, _threads
-    from pytest_ckptparity.errors import CkptParityUsageError
 
-    try:
+    with usage_errors():
         _native.check_environment()
         _threads.process_threads()
-    except CkptParityUsageError as e:
-        raise pytest.UsageError(str(e)) from None
 
 
 def _check_report_option(config: pytest.Config) -> None:
@@ -133,12 +130,9 @@ def _check_report_option(config: pytest.Config) -> None:
     path = config.getoption("ckpt_report", None)
     if path is not None and not _is_worker(config):
         from pytest_ckptparity._outputs import check_output_file
-        from pytest_ckptparity.errors import CkptParityUsageError
 
-        try:
+        with usage_errors():
             check_output_file(path, "--ckpt-report", "report.json")
-        except CkptParityUsageError as e:
-            raise pytest.UsageError(str(e)) from None
 
 
 def _check_html_option(config: pytest.Config) -> None:
@@ -146,13 +140,10 @@ def _check_html_option(config: pytest.Config) -> None:
     path = config.getoption("ckpt_html", None)
     if path is not None and not _is_worker(config):
         from pytest_ckptparity.drift_page import check_output_path, require_plotly
-        from pytest_ckptparity.errors import CkptParityUsageError
 
-        try:
+        with usage_errors():
             check_output_path(path, "--ckpt-html")
             require_plotly()
-        except CkptParityUsageError as e:
-            raise pytest.UsageError(str(e)) from None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -221,12 +212,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(f"--ckpt-steps applies to the generated items, and this run generates none: {why}; or drop --ckpt-steps.")
     if not generates_items(config):
         return
-    from pytest_ckptparity.errors import CkptParityUsageError
-
-    try:
+    with usage_errors():
         _comparison(config, config.stash[settings_key])
-    except CkptParityUsageError as e:
-        raise pytest.UsageError(str(e)) from None
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -235,13 +222,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     if not generates_items(config):
         return
     from pytest_ckptparity._items import make_items
-    from pytest_ckptparity.errors import CkptParityUsageError
 
-    try:
+    with usage_errors():
         comparison = _comparison(config, settings)
         items.extend(make_items(session, comparison, settings.split))
-    except CkptParityUsageError as e:
-        raise pytest.UsageError(str(e)) from None
 
 
 def _comparison(config: pytest.Config, settings: Settings) -> Any:
