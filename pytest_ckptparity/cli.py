@@ -354,13 +354,13 @@ def run_fingerprint(argv: Sequence[str]) -> int:
     p.add_argument("--scan-axis", metavar="AXIS", help="the axis layer stacks are stored on (default: recorded in the checkpoint, else 1; NNX vmap stacks: 0)")
     p.add_argument("--read-budget", type=float, metavar="MIB", help="decoded array data held at once, in MiB (default: 256)")
     args = p.parse_args(argv)
-    from pytest_ckptparity.api import parse_scan_axis
+    scan_axis = None
+    if args.scan_axis is not None:
+        if not args.scan_axis.strip().isdigit():
+            from pytest_ckptparity.errors import CkptParityUsageError
 
-    scan_axis = None if args.scan_axis is None else parse_scan_axis("--scan-axis", args.scan_axis)
-    if isinstance(scan_axis, tuple):
-        from pytest_ckptparity.errors import CkptParityUsageError
-
-        raise CkptParityUsageError(f"--scan-axis {args.scan_axis!r}: a fingerprint reads one checkpoint; give one axis, e.g. --scan-axis 0.")
+            raise CkptParityUsageError(f"--scan-axis must be one axis (a fingerprint reads one checkpoint), e.g. --scan-axis 0; got {args.scan_axis!r}.")
+        scan_axis = int(args.scan_axis)
     if not args.output.endswith(".json"):
         from pytest_ckptparity.errors import CkptParityUsageError
 

@@ -426,7 +426,9 @@ def test_cli_fingerprint_takes_the_scan_axis_and_inspect_reads_the_file(tmp_path
         f"ckptparity: error: B: '{good}' is a fingerprint file, whose layer stacks were laid out layer first when it was taken; "
         "give the scan axis of the checkpoint side only (scan_axis=N), or take the fingerprint again with its own.")
     two = cli("fingerprint", stacked0, "-o", str(good), "--scan-axis", "0,1")
-    assert two.returncode == 2 and "a fingerprint reads one checkpoint; give one axis" in two.stderr
+    assert two.returncode == 2 and two.stderr.strip() == "ckptparity: error: --scan-axis must be one axis (a fingerprint reads one checkpoint), e.g. --scan-axis 0; got '0,1'."
+    word = cli("fingerprint", stacked0, "-o", str(good), "--scan-axis", "x")
+    assert word.returncode == 2 and word.stderr.strip().endswith("got 'x'.")
     shown = cli("inspect", str(good))
     assert shown.returncode == 0, shown.stderr
     assert "layout: fingerprint of " in shown.stdout
