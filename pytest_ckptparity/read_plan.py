@@ -331,6 +331,7 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
             if differed and job.stored is not None:
                 job.stored = None  # blocks not yet issued are read as values
                 misses += 1
+                _switch_to_values(va, vb, inflight, misses >= STORED_MISSES_BEFORE_VALUES, job)
             elif not differed:
                 misses = 0
         del reads
@@ -340,6 +341,21 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
 
 
 STORED_MISSES_BEFORE_VALUES = 3
+
+
+def _switch_to_values(va: NormalizedView, vb: NormalizedView, inflight: deque, every_leaf: bool, job: _Job) -> None:
+    """Blocks already issued as stored bytes, read as values instead, all at once: those of
+    `job` (its bytes differed), and with `every_leaf` those of every leaf not yet begun (the
+    model was recomputed). Left as bytes they would each be decoded only when their turn
+    comes, one after the other, with the decoding threads idle in between. Each block's cost
+    was counted decoded, so reading it as values holds no more than the budget allows."""
+    not_begun = {id(j) for _, j, i, _, _ in inflight if i == 0}  # blocks settle in order
+    for k, (pos, j, i, cost, reads) in enumerate(inflight):
+        if isinstance(reads, tuple):
+            continue
+        if j is job or every_leaf and id(j) in not_begun:
+            j.stored = None
+            inflight[k] = (pos, j, i, cost, _start_reads(va, vb, j, j.blocks[i]))
 
 
 class _StoredPair:
@@ -407,8 +423,8 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
             job.acc.bytes_read += n * itemsizes
         else:
             differing.append(part)
-    for part in differing:
-        pa, pb = _start_reads(va, vb, job, part)
+    pending = [(part, _start_reads(va, vb, job, part)) for part in differing]  # decoded side by side
+    for part, (pa, pb) in pending:
         a, b = pa.result(), pb.result()
         job.acc.bytes_read += pa.nbytes + pb.nbytes
         _compare_values(job, a, b, part, opts)

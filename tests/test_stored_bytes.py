@@ -159,3 +159,36 @@ def test_leaves_stored_differently_fall_back_to_values(tmp_path, pairs):
     before = chunk_decodes()
     assert comparison.run().passed
     assert chunk_decodes() - before == stored_chunks(Comparison(a, a)) // 2
+
+
+def test_a_recomputed_model_reads_values_at_once_after_its_first_differing_blocks(tmp_path, monkeypatch):
+    """Blocks already issued as stored bytes are read as values as soon as a leaf's bytes
+    differ (and for every leaf not begun once the model is seen to be recomputed), instead
+    of each being decoded alone when its turn comes: only the first differing block of the
+    first few leaves is settled from bytes, and the verdict is the one values give."""
+    from pytest_ckptparity import read_plan
+
+    p = ex.tiny_params(0, **SHAPES)
+    noisy = ex._map(p, lambda x: (x * (1 + 1e-7 * np.sign(x))).astype(x.dtype) if x.dtype.kind == "f" else x)
+    a = ex.save(tmp_path / "a", ex.linen_train_state(p), step=0, chunk_byte_size=CHUNK)
+    b = ex.save(tmp_path / "b", ex.linen_train_state(noisy), step=0, chunk_byte_size=CHUNK)
+    settled = []
+    real = read_plan._settle_stored
+
+    def settle(va: Any, vb: Any, job: Any, reads: Any, opts: Any) -> bool:
+        differed = real(va, vb, job, reads, opts)
+        settled.append((job.path, differed))
+        return differed
+
+    monkeypatch.setattr(read_plan, "_settle_stored", settle)
+    budget = 16 * CHUNK  # many small blocks of each leaf in flight at once
+    report, decoded = run(a, b, read_budget=budget, rtol=1e-5)
+    assert report.passed and report.headroom()[0] > 0  # not bit-identical
+    differing = [path for path, differed in settled if differed]
+    # a differing leaf is settled from bytes once, then read as values; after a few, no leaf is
+    assert 1 <= len(differing) <= read_plan.STORED_MISSES_BEFORE_VALUES
+    assert len(set(differing)) == len(differing), f"a leaf was settled from bytes twice: {settled}"
+    last = max(i for i, (_, differed) in enumerate(settled) if differed)
+    assert len(differing) < read_plan.STORED_MISSES_BEFORE_VALUES or last == len(settled) - 1, settled
+    assert decoded <= stored_chunks(Comparison(a, b))  # no chunk decoded twice (equal ones not at all)
+    assert figures(report) == figures(run(a, b, read_budget=budget, rtol=1e-5, stored_bytes=False)[0])
