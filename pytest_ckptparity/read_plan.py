@@ -60,6 +60,7 @@ class _Job:
     acc: _Accumulator = field(default_factory=_Accumulator)
     stored: Optional["_StoredPair"] = None  # both sides store the leaf alike: bytes first
     as_stored: bool = False  # both sides one array, layers (if any) on the same stored axis: read as stored
+    slab_depth: int = 1  # parts of a slab decoding at once, a side (`_plan_slab_depth`)
 
 
 def _read_as_stored(la: LogicalLeaf, lb: LogicalLeaf) -> bool:
@@ -85,8 +86,7 @@ def _start_reads(va: NormalizedView, vb: NormalizedView, job: _Job, block: tuple
     that cuts stored chunks is read one chunk's part at a time (see `_read_in_parts`)."""
     if job.as_stored:
         if _cuts_chunks(job, block):
-            a = _read_in_parts(va, job.la, block)
-            return a, _read_in_parts(vb, job.lb, block, after=a)
+            return _read_in_parts(va, job.la, block, job.slab_depth), _SlabParts(vb, job.lb, block, job.slab_depth)
         return (va.checkpoint.read(job.la.storage.raw, _stored_block(job.la, block)),
                 vb.checkpoint.read(job.lb.storage.raw, _stored_block(job.lb, block)))
     return va.read(job.la, block), vb.read(job.lb, block)
@@ -120,46 +120,85 @@ def _chunk_parts(block: tuple[slice, ...], grid: tuple[int, ...]) -> list[tuple[
     return [tuple(p) for p in itertools.product(*ranges)]
 
 
-def _read_in_parts(view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ...], after: Any = None) -> Any:
-    """Read a slab of one stored array one chunk's part at a time, into one array as stored.
+SLAB_PARTS_IN_FLIGHT = 2  # stored chunks a slab read decodes at once, a side, when the budget holds them
 
-    tensorstore decodes every chunk a read touches whole, all at once: a slab that cuts four
-    chunks of a side would hold those four decoded (and their stored bytes) together. Here
-    the next part's read starts only once the previous one is done, so a side holds one
-    decoded chunk at a time besides the slab; the chunks decoded are the same. With `after`
-    (the other side's slab), this side starts only once that one is read, so the two sides'
-    chunks are not decoded at the same time either.
-    """
+
+def _parts_ahead(view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ...], depth: int, first: Any = None) -> Iterator[tuple[tuple[slice, ...], Any]]:
+    """A slab's parts (each inside one stored chunk), in C order, with the part's data as
+    stored. At most `depth` part reads are unfinished at once: tensorstore
+    decodes every chunk a read touches whole, so reading a slab that cuts many chunks in one
+    read would hold all of them decoded (and their stored bytes) at once."""
+    grid = _chunk_extents(leaf, len(block))
+    parts = iter(_chunk_parts(block, grid) if grid is not None else [block])
+    raw = leaf.storage.raw
+    pending: deque = deque()
+
+    def start() -> None:
+        part = next(parts, None)
+        if part is not None:
+            pending.append((part, view.checkpoint.read(raw, _stored_block(leaf, part))))
+
+    if first is not None:  # the first part's read, started already
+        next(parts)
+        pending.append(first)
+    while len(pending) < depth:
+        waiting = len(pending)
+        start()
+        if len(pending) == waiting:
+            break
+    while pending:
+        part, read = pending.popleft()
+        data = read.result()
+        start()  # the next part decodes while this one is used
+        yield part, data
+
+
+def _read_in_parts(view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ...], depth: int) -> Any:
+    """Read a slab of one stored array part by part (`_parts_ahead`) into one array as
+    stored. The first part's read starts now (the slab is read ahead), the others when the
+    slab is asked for."""
     grid = _chunk_extents(leaf, len(block))
     parts = _chunk_parts(block, grid) if grid is not None else [block]
     raw = leaf.storage.raw
     shape = tuple(s.stop - s.start for s in _stored_block(leaf, block))
-    first = view.checkpoint.read(raw, _stored_block(leaf, parts[0])) if after is None else None
+    first = (parts[0], view.checkpoint.read(raw, _stored_block(leaf, parts[0])))
 
     def get() -> Any:
-        if after is not None:
-            after.result()
-        pending = first or view.checkpoint.read(raw, _stored_block(leaf, parts[0]))
+        if len(parts) == 1:
+            return first[1].result()
         out = None
-        for k, part in enumerate(parts):
-            data = pending.result()
-            if len(parts) == 1:
-                return data
-            if k + 1 < len(parts):
-                pending = view.checkpoint.read(raw, _stored_block(leaf, parts[k + 1]))
+        for part, data in _parts_ahead(view, leaf, block, depth, first):
             if out is None:
                 out = np.empty(shape, data.dtype)
-            relative = tuple(slice(p.start - b.start, p.stop - b.start) for p, b in zip(part, block))
-            out[_stored_block(leaf, relative)] = data
+            out[_stored_block(leaf, _relative(part, block))] = data
             del data
         return out
 
     return _Once(get, math.prod(shape) * _itemsize(leaf.dtype))
 
 
+def _relative(part: tuple[slice, ...], block: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(p.start - b.start, p.stop - b.start) for p, b in zip(part, block))
+
+
+class _SlabParts:
+    """B's side of a slab, never assembled: its parts are compared one by one against A's
+    slab as they are decoded (`parts()`), so B holds at most the parts in flight.
+    `result()` assembles the slab, for a caller that needs it whole."""
+
+    def __init__(self, view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ...], depth: int) -> None:
+        self.view, self.leaf, self.block, self.depth = view, leaf, block, depth
+        self.nbytes = math.prod(s.stop - s.start for s in block) * _itemsize(leaf.dtype)
+
+    def parts(self) -> Iterator[tuple[tuple[slice, ...], Any]]:
+        return _parts_ahead(self.view, self.leaf, self.block, self.depth)
+
+    def result(self) -> Any:
+        return _read_in_parts(self.view, self.leaf, self.block, self.depth).result()
+
+
 class _Once:
-    """A pending read computed once and kept: the other side's chained read and the
-    comparison both ask for it."""
+    """A pending read computed once and kept."""
 
     __slots__ = ("_get", "_value", "nbytes")
 
@@ -242,30 +281,62 @@ def _decodes(extent: Sequence[slice], block: Sequence[int], grids: Sequence[tupl
     return sum(math.prod(_overlaps(s, b, c) for s, b, c in zip(extent, block, grid)) for grid in grids)
 
 
+SLAB_SHAPES_SEARCHED = 250_000  # block shapes whose decodes are counted, at most, per leaf read in slabs
+
+
+def _slab_candidates(b: int, axis: int, grids: Sequence[tuple[int, ...]]) -> list[int]:
+    """Extents a slab may take along one axis: every extent up to 64; beyond, the whole unit,
+    multiples of either side's chunk extent (so the slab cuts no chunk of that side there),
+    fractions of the unit, 1."""
+    if b <= 64:
+        return list(range(1, b + 1))
+    out = {b, 1} | {-(-b // k) for k in range(2, 33)}
+    for g in grids:
+        out |= {m * g[axis] for m in range(1, 33) if m * g[axis] < b}
+    return sorted(e for e in out if 0 < e <= b)
+
+
 def _slab_shape(extent: Sequence[slice], unit: Sequence[int], grids: Sequence[tuple[int, ...]], limit: int) -> tuple[int, ...]:
     """The block shape of at most `limit` elements that decodes the fewest stored chunks.
 
-    Used when the two sides' common aligned block (`unit`) is too large to hold: greedily
-    shrinks one axis at a time to a chunk extent of either side or a fraction of the unit,
-    taking the step that adds the fewest decodes (a chunk cut by a block is decoded once per
-    block that needs it).
+    Used when the two sides' common aligned block (`unit`) is too large to hold. A chunk cut
+    by a block is decoded once per block that needs it, and along each axis that count does
+    not depend on the other axes: a side's decodes are a product over axes, and every
+    combination of candidate extents (`_slab_candidates`) is counted at once. With A's rows
+    against B's columns, a square-ish slab that cuts both sides' chunks beats one side's
+    whole chunk, which would cut every chunk of the other.
     """
     sizes = [s.stop - s.start for s in extent]
     block = [min(u, n) for u, n in zip(unit, sizes)]
-    while math.prod(block) > limit:
-        moves = []  # ((still too large, decodes, -size), axis, extent): the first one wins
-        for i, b in enumerate(block):
-            options = {g[i] for g in grids} | {-(-b // k) for k in range(2, min(b, 16) + 1)} | {1}
-            for e in options:
-                if 0 < e < b:
-                    trial = block[:i] + [e] + block[i + 1:]
-                    size = math.prod(trial)
-                    moves.append(((size > limit, _decodes(extent, trial, grids), -size), i, e))
-        if not moves:
+    if math.prod(block) <= limit:
+        return tuple(block)
+    cands = [_slab_candidates(b, i, grids) for i, b in enumerate(block)]
+    while math.prod(len(c) for c in cands) > SLAB_SHAPES_SEARCHED:  # keep the largest axis's chunk multiples and halves
+        i = max(range(len(cands)), key=lambda k: len(cands[k]))
+        keep = {block[i], 1, -(-block[i] // 2)} | {g[i] for g in grids if g[i] < block[i]}
+        if set(cands[i]) <= keep:
             break
-        _, axis, e = min(moves)
-        block[axis] = e
-    return tuple(block)
+        cands[i] = sorted(e for e in cands[i] if e in keep)
+    size = np.ones((1,) * len(block))
+    decodes = np.zeros((1,) * len(block))
+    for grid in grids:
+        side = np.ones((1,) * len(block))
+        for i, c in enumerate(cands):
+            counts = np.array([_overlaps(extent[i], e, grid[i]) for e in c], dtype=float)
+            side = side * counts.reshape([-1 if k == i else 1 for k in range(len(block))])
+        decodes = decodes + side
+    for i, c in enumerate(cands):
+        size = size * np.array(c, dtype=float).reshape([-1 if k == i else 1 for k in range(len(block))])
+    size, decodes = np.broadcast_arrays(size, decodes)
+    fits = size <= limit
+    if not fits.any():
+        return tuple(1 for _ in block)
+    # fewest decodes; among those the largest slab (fewer, bigger reads); then the first in C order
+    score = np.where(fits, decodes, np.inf)
+    best = score == score.min()
+    flat = int(np.argmax(np.where(best, size, -1).ravel()))
+    index = np.unravel_index(flat, size.shape)
+    return tuple(int(cands[i][k]) for i, k in enumerate(index))
 
 
 def _plan_blocks(extent: Sequence[slice], la: LogicalLeaf, lb: LogicalLeaf, itemsize: int, read_budget: int) -> tuple[list[tuple[slice, ...]], int, int]:
@@ -290,6 +361,17 @@ def _plan_blocks(extent: Sequence[slice], la: LogicalLeaf, lb: LogicalLeaf, item
     return _grid(extent, slab), _decodes(extent, slab, grids), stored
 
 
+def _plan_slab_depth(job: _Job, read_budget: int) -> None:
+    """A leaf read in slabs decodes two stored chunks a side at once (the two cores busy,
+    not one) when its slabs still fit in the budget so; otherwise one."""
+    job.slab_depth = 1
+    if not (job.as_stored and job.blocks and any(_cuts_chunks(job, b) for b in job.blocks)):
+        return
+    job.slab_depth = SLAB_PARTS_IN_FLIGHT
+    if max(_block_bytes(job, b) for b in job.blocks) > read_budget:
+        job.slab_depth = 1
+
+
 def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job]], opts: CompareOptions) -> Iterator[tuple[int, LeafResult]]:
     """Read blocks ahead while earlier ones are compared, holding at most `read_budget`
     decoded bytes (the block being compared included); a block larger than the budget (one
@@ -301,6 +383,8 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
     everywhere, and reading both forms would cost more than decoding); after a few such
     leaves in a row, later leaves skip the stored bytes too.
     """
+    for _, job in jobs:
+        _plan_slab_depth(job, opts.read_budget)
     work = [(pos, job, i, _block_bytes(job, job.blocks[i])) for pos, job in jobs for i in range(len(job.blocks))]
     inflight: deque = deque()
     held = 0
@@ -320,7 +404,15 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
             held += cost
             nxt += 1
         pos, job, i, cost, reads = inflight.popleft()
-        if isinstance(reads, tuple):
+        if isinstance(reads, tuple) and isinstance(reads[1], _SlabParts):
+            pa, pb = reads
+            a, block = pa.result(), job.blocks[i]
+            for part, b in pb.parts():  # each B part against the same region of A's slab
+                _compare_values(job, np.ascontiguousarray(a[_stored_block(job.la, _relative(part, block))]), b, part, opts)
+                del b
+            job.acc.bytes_read += pa.nbytes + pb.nbytes
+            del a, pa, pb
+        elif isinstance(reads, tuple):
             pa, pb = reads
             a, b = pa.result(), pb.result()
             job.acc.bytes_read += pa.nbytes + pb.nbytes
@@ -434,17 +526,28 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
 def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
     """Memory a block's read holds at its peak: the block itself, both sides, plus every
     stored chunk it touches, decoded whole by tensorstore before the block's part is copied
-    out. A slab read one chunk's part at a time (`_read_in_parts`) holds one chunk a side."""
+    out. A slab that cuts chunks holds A's slab, plus `job.slab_depth` decoded chunks
+    of one side at a time (with B's parts, which are compared as they come, never
+    assembled): see `_parts_ahead`."""
     n = math.prod(s.stop - s.start for s in block)
+    if job.as_stored and _cuts_chunks(job, block):
+        chunks = []
+        for leaf in (job.la, job.lb):
+            grid = _chunk_extents(leaf, len(block))
+            chunks.append(math.prod(grid) if grid is not None else n)
+        grid_b = _chunk_extents(job.lb, len(block))
+        part_b = math.prod(min(s.stop - s.start, g) for s, g in zip(block, grid_b)) if grid_b is not None else n
+        a_side = chunks[0] * _itemsize(job.la.dtype)
+        b_side = (chunks[1] + part_b) * _itemsize(job.lb.dtype)
+        return n * _itemsize(job.la.dtype) + job.slab_depth * max(a_side, b_side)
     total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
-    in_parts = job.as_stored and _cuts_chunks(job, block)
     for leaf in (job.la, job.lb):
         c = leaf.chunk_shape
         if c is not None and len(c) == len(block):
             touched = 1
             for s, ci, d in zip(block, c, leaf.shape):
                 ci = max(1, min(ci, d))
-                touched *= ci if in_parts else min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
+                touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
             total += touched * _itemsize(leaf.dtype)
     return total
 

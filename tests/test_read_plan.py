@@ -156,30 +156,32 @@ class _InFlight:
 
 
 @pytest.mark.parametrize("b", ["cols", "cols_planted"])
-def test_slabs_are_read_one_stored_chunk_at_a_time(meshes, monkeypatch, b):
-    """Slabs of one A chunk (8 x 48) cut each of B's 8 column chunks (64 x 6): B's side of a
-    slab is read as 8 parts of 8 x 6, one after the other and after A's, so at most one read
-    is unfinished at any time; every element is still compared once, and a difference in a
-    part is found at its index."""
-    budget = 8 << 10  # the common block (the whole 12 KiB array, both sides) does not fit
+@pytest.mark.parametrize("budget, depth", [(8 << 10, 2), (4 << 10, 1)])
+def test_slabs_are_read_part_by_part_a_few_chunks_at_a_time(meshes, monkeypatch, b, budget, depth):
+    """A's row chunks (8 x 48) against B's column chunks (64 x 6): slabs of 16 x 24 (the
+    shape that decodes fewest) each cut two A chunks and four B chunks. Each side is read
+    one part (the slab inside one stored chunk) at a time, two reads unfinished at once when
+    the budget holds that, else one; B's parts are compared against A's slab as they come.
+    Every element is still compared once, and a difference in a part is found at its index."""
+    # the common block (the whole 12 KiB array, both sides) does not fit either budget
     log = _InFlight(monkeypatch)
     report = Comparison(meshes["rows"], meshes[b], options=CompareOptions(read_budget=budget)).run()
     (w,) = report.results
     assert w.stats.n_total == 64 * 48 and w.bytes_read == 2 * 64 * 48 * 4
     a_reads = [n for side, n in log.reads if side == "A"]
     b_reads = [n for side, n in log.reads if side == "B"]
-    assert a_reads == [8 * 48 * 4] * 8  # one whole A chunk per slab
-    assert b_reads == [8 * 6 * 4] * 64  # eight parts of B's chunks per slab
-    assert log.most == 1  # never two chunks decoding at once
+    assert a_reads == [8 * 24 * 4] * 16  # two half A chunks per slab, eight slabs
+    assert b_reads == [16 * 6 * 4] * 32  # four parts of B's chunks per slab
+    assert log.most == depth  # never more chunks decoding at once
     if b == "cols":
         assert report.passed
     else:
         assert not report.passed and w.stats.n_mismatch == 1 and w.stats.first_indices == ((9, 40),)
 
 
-def test_slab_reads_hold_one_chunk_a_side_in_the_budget():
-    """The budget counts a slab read in parts as the slab on both sides plus one stored chunk
-    a side, not every chunk the slab cuts."""
+def test_slab_reads_count_a_slab_and_the_parts_in_flight_in_the_budget():
+    """The budget counts a slab read in parts as A's slab plus the decoded chunks of one side
+    in flight (B's with the part each yields), not every chunk the slab cuts."""
     from pytest_ckptparity.normalize import LogicalLeaf, Storage
 
     la = LogicalLeaf("w", "params", (64, 48), "float32", Storage(raw=("w",)), chunk_shape=(8, 48))
@@ -187,9 +189,25 @@ def test_slab_reads_hold_one_chunk_a_side_in_the_budget():
     job = plan_mod._Job("w", la, lb, Tolerance(1e-5, 1e-5), None, None, (), [], as_stored=True)
     slab = (slice(8, 16), slice(0, 48))
     assert plan_mod._cuts_chunks(job, slab)
-    assert plan_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 6) * 4
+    for depth in (1, 2):
+        job.slab_depth = depth
+        assert plan_mod._block_bytes(job, slab) == (8 * 48 + depth * max(8 * 48, 64 * 6 + 8 * 6)) * 4
     job.as_stored = False  # read through the views: every chunk the slab touches, at once
     assert plan_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 48) * 4
+
+
+@pytest.mark.parametrize("grids", [((8, 48), (64, 6)), ((16, 48), (64, 12)), ((64, 6), (8, 48)), ((32, 16), (16, 32)), ((8, 48), (8, 6))])
+def test_the_slab_shape_decodes_no_more_than_any_shape_that_fits(grids):
+    """Against every block shape of at most `limit` elements (brute force over all of them),
+    the chosen slab decodes no more chunks, and it fits."""
+    extent = [slice(0, 64), slice(0, 48)]
+    unit = tuple(max(a, b) for a, b in zip(*grids))
+    for limit in (384, 768, 200):
+        shape = plan_mod._slab_shape(extent, unit, grids, limit)
+        assert shape[0] * shape[1] <= limit
+        chosen = plan_mod._decodes(extent, shape, grids)
+        best = min(plan_mod._decodes(extent, (x, y), grids) for x in range(1, 65) for y in range(1, 49) if x * y <= limit)
+        assert chosen == best, (grids, limit, shape, chosen, best)
 
 
 def test_a_layer_range_read_as_stored_reports_those_layers(tmp_path, monkeypatch):

@@ -212,9 +212,10 @@ def test_grids_on_different_axes_read_in_budget_sized_slabs(meshes, monkeypatch)
     assert w.stats.n_total == 64 * 48  # every element compared
     assert w.bytes_read == 2 * 64 * 48 * 4  # and read once as values, in several slabs
     assert len(log.sizes) > 2 and max(log.sizes) <= max(budget // plan_mod.BLOCK_SHARE, chunk)
-    # Memory wins: slabs of A's row chunks (8 x 48, the largest chunk), so each of A's 8
-    # chunks is decoded once and each of B's 8 column chunks once per slab: 8 + 8 * 8.
-    assert stored == 16 and chunk_decodes() - before == planned == 72
+    # Memory wins: slabs of at most the largest chunk (8 x 48 elements), shaped 16 x 24 so
+    # each cuts two of A's row chunks and four of B's column chunks: every A chunk is decoded
+    # twice and every B chunk four times, 16 + 32 (slabs of one A chunk would take 8 + 64).
+    assert stored == 16 and chunk_decodes() - before == planned == 48
 
 
 def test_differences_in_the_first_and_last_slab_are_found(meshes, monkeypatch):
