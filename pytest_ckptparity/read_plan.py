@@ -515,31 +515,41 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
             job.acc.bytes_read += n * itemsizes
         else:
             differing.append(part)
-    pending = [(part, _start_reads(va, vb, job, part)) for part in differing]  # decoded side by side
-    for part, (pa, pb) in pending:
+    # Parts that are whole chunks decode side by side, as the block's cost counts them; parts
+    # that cut chunks (a layer range of a stack) one at a time, each decoding its whole chunk.
+    side_by_side = not any(_cuts_chunks(job, part) for part in differing)
+    pending = [(part, _start_reads(va, vb, job, part)) for part in differing] if side_by_side else []
+    for k, part in enumerate(differing):
+        pa, pb = pending[k][1] if side_by_side else _start_reads(va, vb, job, part)
         a, b = pa.result(), pb.result()
         job.acc.bytes_read += pa.nbytes + pb.nbytes
         _compare_values(job, a, b, part, opts)
+        del a, b, pa, pb
     return bool(differing)
 
 
 def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
     """Memory a block's read holds at its peak: the block itself, both sides, plus every
     stored chunk it touches, decoded whole by tensorstore before the block's part is copied
-    out. A slab that cuts chunks holds A's slab, plus `job.slab_depth` decoded chunks
-    of one side at a time (with B's parts, which are compared as they come, never
-    assembled): see `_parts_ahead`."""
+    out. A slab that cuts chunks holds A's slab, plus `job.slab_depth` decoded chunks of one
+    side at a time with the parts they yield, and the part being compared (B's parts are
+    compared as they come, never assembled): see `_parts_ahead`."""
     n = math.prod(s.stop - s.start for s in block)
     if job.as_stored and _cuts_chunks(job, block):
         chunks = []
         for leaf in (job.la, job.lb):
             grid = _chunk_extents(leaf, len(block))
             chunks.append(math.prod(grid) if grid is not None else n)
-        grid_b = _chunk_extents(job.lb, len(block))
-        part_b = math.prod(min(s.stop - s.start, g) for s, g in zip(block, grid_b)) if grid_b is not None else n
-        a_side = chunks[0] * _itemsize(job.la.dtype)
-        b_side = (chunks[1] + part_b) * _itemsize(job.lb.dtype)
-        return n * _itemsize(job.la.dtype) + job.slab_depth * max(a_side, b_side)
+        parts = []
+        for leaf in (job.la, job.lb):
+            grid = _chunk_extents(leaf, len(block))
+            parts.append(math.prod(min(s.stop - s.start, g) for s, g in zip(block, grid)) if grid is not None else n)
+        a_side = (chunks[0] + parts[0]) * _itemsize(job.la.dtype)  # a chunk decoding, the part it yields
+        b_side = (chunks[1] + parts[1]) * _itemsize(job.lb.dtype)
+        # A's slab, the parts in flight on one side, and the part in hand: B's, or the
+        # contiguous copy of A's region it is compared against
+        in_hand = parts[1] * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
+        return n * _itemsize(job.la.dtype) + job.slab_depth * max(a_side, b_side) + in_hand
     total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
     for leaf in (job.la, job.lb):
         c = leaf.chunk_shape

@@ -191,7 +191,8 @@ def test_slab_reads_count_a_slab_and_the_parts_in_flight_in_the_budget():
     assert plan_mod._cuts_chunks(job, slab)
     for depth in (1, 2):
         job.slab_depth = depth
-        assert plan_mod._block_bytes(job, slab) == (8 * 48 + depth * max(8 * 48, 64 * 6 + 8 * 6)) * 4
+        in_flight = depth * max(8 * 48 + 8 * 48, 64 * 6 + 8 * 6)  # a chunk decoding and its part, a side
+        assert plan_mod._block_bytes(job, slab) == (8 * 48 + in_flight + 2 * 8 * 6) * 4
     job.as_stored = False  # read through the views: every chunk the slab touches, at once
     assert plan_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 48) * 4
 
@@ -235,3 +236,29 @@ def test_a_layer_range_read_as_stored_reports_those_layers(tmp_path, monkeypatch
     assert bad.path == "params/decoder/layers/mlp/wi_0/kernel" and bad.stats.worst_index == (3, 3, 5)
     assert [d.layer for d in bad.stats.layer_drift] == [2, 3, 4] and bad.stats.mismatched_layers == (3,)
     assert all(r.stats.n_total == 3 * math.prod(r.shape_a[1:]) for r in as_stored.results)
+
+
+def test_a_layer_range_of_a_recomputed_stack_decodes_its_chunks_one_at_a_time(tmp_path, monkeypatch):
+    """A layer range cuts every chunk of a stack that holds all its layers; when the stored
+    bytes of such a block differ, its parts are decoded one after the other (each decodes a
+    whole chunk, which the block's cost does not count), not all at once; and the figures
+    are those of reading values alone."""
+    from pytest_ckptparity.diff import Selection
+
+    w = np.random.default_rng(0).standard_normal((48, 8, 64)).astype(np.float32)  # (emb, layers, mlp)
+
+    def tree(x):
+        return {"params": {"params": {"decoder": {"layers": {"mlp": {"wi_0": {"kernel": x}}}}}}}
+
+    a = ex.save(tmp_path / "a", tree(w), step=0, chunk_byte_size=8192)
+    b = ex.save(tmp_path / "b", tree((w * (1 + 1e-7 * np.sign(w))).astype(np.float32)), step=0, chunk_byte_size=8192)
+    path = "params/decoder/layers/mlp/wi_0/kernel"
+    leaf = Comparison(a, b).views[0].leaves[path]
+    assert leaf.chunk_shape == (8, 16, 16)  # every chunk holds all eight layers
+    selection = [Selection((path,), layer_range=(3, 4))]
+    log = _InFlight(monkeypatch)
+    report = Comparison(a, b, options=CompareOptions(read_budget=64 << 10, rtol=1e-5)).run(selection)
+    assert report.passed and report.results[0].stats.n_total == 48 * 64
+    assert len(log.reads) > 2 and log.most <= 2, log.most
+    values = Comparison(a, b, options=CompareOptions(read_budget=64 << 10, rtol=1e-5, stored_bytes=False)).run(selection)
+    assert [r.to_dict() for r in report.results] == [r.to_dict() for r in values.results]
