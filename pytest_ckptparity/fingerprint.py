@@ -39,7 +39,7 @@ from pytest_ckptparity import _native
 from pytest_ckptparity._model import ArrayInfo
 from pytest_ckptparity._paths import KeyPath
 from pytest_ckptparity.kernel import PIECE_ELEMENTS, _itemsize, _pieces, _pool
-from pytest_ckptparity.read_plan import BLOCK_SHARE, DEFAULT_READ_BUDGET, _blocks, chunk_alignment
+from pytest_ckptparity.read_plan import BLOCK_SHARE, DEFAULT_READ_BUDGET, _blocks, chunk_alignment, held_by_read
 from pytest_ckptparity.errors import CkptParityUsageError
 from pytest_ckptparity.normalize import Layout, LogicalLeaf, NormalizedView, Storage
 from pytest_ckptparity.sources import Checkpoint, Pending
@@ -304,7 +304,8 @@ def _tool() -> str:
 
 def _read_ahead(view: NormalizedView, work: list[tuple[Any, tuple[slice, ...], int]], budget: int) -> Iterator[tuple[Any, tuple[slice, ...], Any, int]]:
     """Blocks in order, reads issued ahead while earlier blocks are processed, holding at most
-    `budget` decoded bytes (the processed block included); a larger block is read alone."""
+    `budget` decoded bytes (the processed block included, and the stored chunks each read
+    decodes, counted as a comparison counts them); a larger block is read alone."""
     inflight: deque = deque()
     held = nxt = 0
     while nxt < len(work) or inflight:
@@ -356,7 +357,7 @@ def fingerprint_view(
         item = _itemsize(leaf.dtype)
         accs[path] = [_Acc() for _ in range(leaf.layers if leaf.layers is not None else 1)]
         for block in _blocks(extent, chunk_alignment(leaf, leaf), item, block_budget):
-            work.append((leaf, block, math.prod(s.stop - s.start for s in block) * item))
+            work.append((leaf, block, held_by_read(leaf, tuple(block))))  # the block and the chunks it decodes
 
     bytes_read = 0
     leaf_bytes: dict[str, int] = {}

@@ -550,15 +550,21 @@ def _block_bytes(job: _Job, block: tuple[slice, ...]) -> int:
         # contiguous copy of A's region it is compared against
         in_hand = parts[1] * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
         return n * _itemsize(job.la.dtype) + job.slab_depth * max(a_side, b_side) + in_hand
-    total = n * (_itemsize(job.la.dtype) + _itemsize(job.lb.dtype))
-    for leaf in (job.la, job.lb):
-        c = leaf.chunk_shape
-        if c is not None and len(c) == len(block):
-            touched = 1
-            for s, ci, d in zip(block, c, leaf.shape):
-                ci = max(1, min(ci, d))
-                touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
-            total += touched * _itemsize(leaf.dtype)
+    return sum(held_by_read(leaf, block) for leaf in (job.la, job.lb))
+
+
+def held_by_read(leaf: LogicalLeaf, block: tuple[slice, ...]) -> int:
+    """Memory one side's read of a block holds at its peak: the block, plus every stored
+    chunk it touches, which tensorstore decodes whole before copying the block's part out."""
+    n = math.prod(s.stop - s.start for s in block)
+    total = n * _itemsize(leaf.dtype)
+    c = leaf.chunk_shape
+    if c is not None and len(c) == len(block):
+        touched = 1
+        for s, ci, d in zip(block, c, leaf.shape):
+            ci = max(1, min(ci, d))
+            touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
+        total += touched * _itemsize(leaf.dtype)
     return total
 
 
