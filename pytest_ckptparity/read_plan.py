@@ -375,7 +375,8 @@ def _plan_slab_depth(job: _Job, read_budget: int) -> None:
 def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job]], opts: CompareOptions) -> Iterator[tuple[int, LeafResult]]:
     """Read blocks ahead while earlier ones are compared, holding at most `read_budget`
     decoded bytes (the block being compared included); a block larger than the budget (one
-    big stored chunk) is read alone.
+    big stored chunk) is read alone. A block in flight counts with the stored chunks its
+    read decodes; once read, only the block itself.
 
     A leaf both sides store alike (`job.stored`) is read as stored chunk bytes first: equal
     bytes are equal values, and only the chunks whose bytes differ are decoded. When that
@@ -390,8 +391,10 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
     held = 0
     nxt = 0
     misses = 0  # leaves in a row whose stored bytes differed: the model was recomputed
-    while nxt < len(work) or inflight:
-        while nxt < len(work) and (not inflight or held + work[nxt][3] <= opts.read_budget):
+
+    def issue() -> None:
+        nonlocal held, nxt
+        while nxt < len(work) and (held <= 0 or held + work[nxt][3] <= opts.read_budget):  # a larger block: alone
             pos, job, i, cost = work[nxt]
             block = job.blocks[i]
             if job.stored is not None and misses >= STORED_MISSES_BEFORE_VALUES and i == 0:
@@ -403,6 +406,9 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
             inflight.append((pos, job, i, cost, reads))
             held += cost
             nxt += 1
+
+    while nxt < len(work) or inflight:
+        issue()
         pos, job, i, cost, reads = inflight.popleft()
         if isinstance(reads, tuple) and isinstance(reads[1], _SlabParts):
             pa, pb = reads
@@ -415,6 +421,12 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
         elif isinstance(reads, tuple):
             pa, pb = reads
             a, b = pa.result(), pb.result()
+            # Read: the stored chunks it was copied from are freed, and only the block is
+            # held while it is compared, so the next reads can start now.
+            settled = min(cost, pa.nbytes + pb.nbytes)
+            held -= cost - settled
+            cost = settled
+            issue()
             job.acc.bytes_read += pa.nbytes + pb.nbytes
             _compare_values(job, a, b, job.blocks[i], opts)
             del a, b, pa, pb

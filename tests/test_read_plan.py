@@ -262,3 +262,23 @@ def test_a_layer_range_of_a_recomputed_stack_decodes_its_chunks_one_at_a_time(tm
     assert len(log.reads) > 2 and log.most <= 2, log.most
     values = Comparison(a, b, options=CompareOptions(read_budget=64 << 10, rtol=1e-5, stored_bytes=False)).run(selection)
     assert [r.to_dict() for r in report.results] == [r.to_dict() for r in values.results]
+
+
+def test_the_next_block_is_read_while_one_is_compared_once_its_chunks_are_freed(tmp_path, monkeypatch):
+    """A block in flight counts with the stored chunks tensorstore decodes it from; once it is
+    read only the block is held, so the next block's read starts before it is compared, even
+    when two blocks with their chunks would not fit in the budget."""
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    a = ex.save(tmp_path / "a", {"w": w}, step=0, chunk_byte_size=4096)
+    b = ex.save(tmp_path / "b", {"w": (w * (1 + 1e-7 * np.sign(w))).astype(np.float32)}, step=0, chunk_byte_size=4096)
+    chunk = 4096
+    assert math.prod(Comparison(a, b).views[0].leaves["params/w"].chunk_shape) * 4 == chunk
+    budget = 7 * chunk  # a block (one chunk a side) costs 4 chunks in flight, 2 once read
+    log = _InFlight(monkeypatch)
+    issued_at_compare = []
+    real = plan_mod._compare_values
+    monkeypatch.setattr(plan_mod, "_compare_values", lambda *x: issued_at_compare.append(len(log.reads)) or real(*x))
+    report = Comparison(a, b, options=CompareOptions(read_budget=budget, stored_bytes=False, rtol=1e-5)).run()
+    assert report.passed and report.results[0].stats.n_total == 64 * 64
+    assert len(issued_at_compare) == 4  # four blocks of one chunk
+    assert issued_at_compare == [4, 6, 8, 8]  # the next block's two reads are out before each compare
