@@ -11,7 +11,7 @@ contenders alternate in each of `--repeat` rounds; reported are the median wall 
 (min-max), the median CPU seconds (user + sys, less sensitive to other load) and the peak RSS:
 
   floor         every stored chunk of A read and decoded once by tensorstore, at most 256 MiB
-                decoded in flight, with glibc's default malloc: the read floor of issue 15
+                decoded in flight, with glibc's default malloc: the read floor of docs/performance.md
   floor-malloc  the same floor with the command line's malloc settings (like for like)
   fingerprint   `ckptparity fingerprint A -o A.json`: one pass, statistics + digests
   numpy         the same with CKPTPARITY_NATIVE=0: the numpy kernel instead of the C one
