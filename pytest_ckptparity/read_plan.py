@@ -533,6 +533,8 @@ def _settle_stored(va: NormalizedView, vb: NormalizedView, job: _Job, reads: lis
     pending = [(part, _start_reads(va, vb, job, part)) for part in differing] if side_by_side else []
     for k, part in enumerate(differing):
         pa, pb = pending[k][1] if side_by_side else _start_reads(va, vb, job, part)
+        if side_by_side:
+            pending[k] = None  # each part freed once compared
         a, b = pa.result(), pb.result()
         job.acc.bytes_read += pa.nbytes + pb.nbytes
         _compare_values(job, a, b, part, opts)
