@@ -141,11 +141,8 @@ def _parts_ahead(view: NormalizedView, leaf: LogicalLeaf, block: tuple[slice, ..
     if first is not None:  # the first part's read, started already
         next(parts)
         pending.append(first)
-    while len(pending) < depth:
-        waiting = len(pending)
+    for _ in range(depth - len(pending)):
         start()
-        if len(pending) == waiting:
-            break
     while pending:
         part, read = pending.popleft()
         data = read.result()
@@ -208,6 +205,7 @@ class _Once:
     def result(self) -> Any:
         if self._value is None:
             self._value = self._get()
+            self._get = None  # nor keep what the read held (a slab's first part) alive
         return self._value
 
 
