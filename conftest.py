@@ -148,3 +148,47 @@ def two_meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("meshes")
     subprocess.run([sys.executable, "-c", MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
     return {name: str(root / name) for name in ("rows", "cols", "planted_ends", "planted_mid")}
+
+
+# A MaxText-like Linen TrainState (layers stacked on axis 1) written from an (fsdp=4,
+# tensor=2) mesh (`a`) and from an 8-way tensor mesh (`b`): the mlp kernels' chunk grids
+# then cut rows on one side and columns on the other. `b_planted` is `b` with one element
+# of params' stacked wi_0 changed: layer 2, row 5, column 40 (stored at [5, 2, 40]);
+# `b_noisy` is `b` with every float a little off (within float32's default tolerance).
+STACK_MESH_WRITER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from pytest_ckptparity import examples as ex
+
+root = sys.argv[1]
+AXES = {"wi_0": ("fsdp", None, "tensor"), "wi_1": ("fsdp", None, "tensor"), "wo": ("tensor", None, "fsdp"),
+        "query": ("fsdp", None, "tensor", None), "key": ("fsdp", None, "tensor", None),
+        "value": ("fsdp", None, "tensor", None), "out": ("tensor", None, None, "fsdp")}
+params = ex.tiny_params(0, layers=3, emb=64, heads=8, head_dim=4, mlp=128, vocab=64)
+planted = ex._map(params, lambda x: x.copy())
+planted["decoder"]["layers"]["mlp"]["wi_0"]["kernel"][5, 2, 40] += 1.0
+rng = np.random.default_rng(1)  # a recomputed model: every float a little off, within float32's rtol
+noisy = ex._map(params, lambda x: (x * (1 + rng.uniform(-1e-7, 1e-7, x.shape))).astype(x.dtype))
+for name, tree, shape in (("a", params, (4, 2)), ("b", params, (1, 8)), ("b_planted", planted, (1, 8)), ("b_noisy", noisy, (1, 8))):
+    mesh = Mesh(np.array(jax.devices()).reshape(shape), ("fsdp", "tensor"))
+    def place(path, x):
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        x = np.asarray(x)
+        axes = next((AXES[n] for n in reversed(names) if n in AXES), ())
+        return jax.device_put(x, NamedSharding(mesh, P(*axes) if len(axes) == x.ndim else P()))
+    ex.save(os.path.join(root, name), jax.tree_util.tree_map_with_path(place, ex.linen_train_state(tree)), step=0)
+"""
+
+
+@pytest.fixture(scope="session")
+def stack_meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A layer-stacked TrainState written from two meshes (see STACK_MESH_WRITER), once per run."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("stack_meshes")
+    subprocess.run([sys.executable, "-c", STACK_MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
+    return {name: str(root / name) for name in ("a", "b", "b_planted", "b_noisy")}

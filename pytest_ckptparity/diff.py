@@ -18,7 +18,7 @@ from pytest_ckptparity._model import (
 from pytest_ckptparity._paths import glob_match, in_scope
 from pytest_ckptparity.kernel import DEFAULT_TOLERANCES, EXACT, _itemsize, _kind, _np_dtype, compare_block, lower_precision
 from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
-from pytest_ckptparity.read_plan import DEFAULT_READ_BUDGET, _Job, _plan_blocks, _read_as_stored, _run_jobs, _stored_pair
+from pytest_ckptparity.read_plan import DEFAULT_READ_BUDGET, _Job, _plan_blocks, _read_as_stored, _run_jobs, _stored_pair, plan_leaf_in_step
 
 COUNTER_NAMES = frozenset({"step", "count"})  # compared by value across integer dtypes
 DTYPE_POLICIES = ("strict", "cast")
@@ -247,6 +247,7 @@ def diff_views(
         job = _Job(path, la, lb, tol, cast_to, layer_range, notes, blocks)
         job.stored = _stored_pair(va, vb, job, opts)
         job.as_stored = _read_as_stored(la, lb)
+        job.in_step = plan_leaf_in_step(va, vb, job, extent, opts.read_budget)
         jobs.append((pos, job))
 
     for pos, result in _run_jobs(va, vb, jobs, opts):

@@ -116,22 +116,32 @@ class _Accumulator:
         self.bytes_read = 0
 
     def merge(self, other: "_Accumulator") -> None:
-        """Fold in the stats of a later piece (order matters for `first` and ties)."""
+        """Fold in the stats of another piece. The result does not depend on the order pieces
+        come in (a read plan's choice): ties go to the earliest canonical index, and the
+        first indices are the earliest ones."""
         self.n_total += other.n_total
         self.n_mismatch += other.n_mismatch
         self.n_nonfinite += other.n_nonfinite
         self.n_nan_pairs += other.n_nan_pairs
-        if other.headroom > self.headroom:
-            self.headroom, self.headroom_index = other.headroom, other.headroom_index
+        self.take_headroom(other.headroom, other.headroom_index)
         self.max_abs = max(self.max_abs, other.max_abs)
         self.max_rel = max(self.max_rel, other.max_rel)
-        if other.worst is not None and (self.worst is None or other.worst[0] > self.worst[0]):
+        if other.worst is not None and (self.worst is None or other.worst[0] > self.worst[0]
+                                        or other.worst[0] == self.worst[0] and other.worst[1] < self.worst[1]):
             self.worst = other.worst
-        self.first.extend(other.first[: max(0, FIRST_INDICES - len(self.first))])
+        if other.first:
+            self.first = sorted(self.first + other.first)[:FIRST_INDICES]
         self.layers |= other.layers
         for layer, figures in other.layer_drift.items():
             mine = self.layer_drift.setdefault(layer, [0.0, 0.0, 0.0])
             mine[:] = [max(x, y) for x, y in zip(mine, figures)]
+
+    def take_headroom(self, value: float, index: Optional[tuple[int, ...]]) -> None:
+        """A larger headroom, or an equal one at an earlier canonical index."""
+        if index is None:
+            return
+        if value > self.headroom or (value == self.headroom and value > 0 and (self.headroom_index is None or index < self.headroom_index)):
+            self.headroom, self.headroom_index = value, index
 
     def fold_layer(self, layer: int) -> None:
         """This accumulator covers one piece within `layer`: its figures are that layer's."""
@@ -314,8 +324,7 @@ def compare_stored_block(
     acc.n_total += total
     acc.max_abs = max(acc.max_abs, block.max_abs)
     acc.max_rel = max(acc.max_rel, block.max_rel)
-    if block.headroom_index is not None and block.headroom > acc.headroom:
-        acc.headroom, acc.headroom_index = block.headroom, block.headroom_index
+    acc.take_headroom(block.headroom, block.headroom_index)
     if layer_axis is not None:
         first = origin[0]
         for k in range(n_layers):

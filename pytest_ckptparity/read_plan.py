@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
@@ -33,7 +34,10 @@ from pytest_ckptparity._model import VALUES, LeafResult, Tolerance
 from pytest_ckptparity.kernel import (
     _Accumulator, _itemsize, _kind, _np_dtype, compare_block, compare_stored_block,
 )
+from pytest_ckptparity._threads import process_threads
 from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
+from pytest_ckptparity.read_in_step import InStepPlan, compare_in_step, plan_in_step
+from pytest_ckptparity.zarr_rows import NotStreamable
 
 if TYPE_CHECKING:  # the options are the verdict module's; only their fields are read here
     from pytest_ckptparity.diff import CompareOptions
@@ -61,6 +65,7 @@ class _Job:
     stored: Optional["_StoredPair"] = None  # both sides store the leaf alike: bytes first
     as_stored: bool = False  # both sides one array, layers (if any) on the same stored axis: read as stored
     slab_depth: int = 1  # parts of a slab decoding at once, a side (`_plan_slab_depth`)
+    in_step: Optional[InStepPlan] = None  # two chunk grids read row by row in step (`read_in_step`)
 
 
 def _read_as_stored(la: LogicalLeaf, lb: LogicalLeaf) -> bool:
@@ -90,6 +95,79 @@ def _start_reads(va: NormalizedView, vb: NormalizedView, job: _Job, block: tuple
         return (va.checkpoint.read(job.la.storage.raw, _stored_block(job.la, block)),
                 vb.checkpoint.read(job.lb.storage.raw, _stored_block(job.lb, block)))
     return va.read(job.la, block), vb.read(job.lb, block)
+
+
+def _canonical_block(leaf: LogicalLeaf, stored: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A block as stored, as a canonical (layer first) block: `_stored_block` undone."""
+    axis = leaf.storage.axis
+    if leaf.layers is None or axis is None or not stored:
+        return stored
+    return (stored[axis],) + stored[:axis] + stored[axis + 1:]
+
+
+def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent: Sequence[slice], read_budget: int) -> Optional[InStepPlan]:
+    """Whether a leaf that blocks would read in slabs (two chunk grids whose common block
+    does not fit in the budget, so slabs decode chunks more than once) is read row by row
+    in step instead (`read_in_step`): each chunk decoded once, a few batches held. It needs
+    both sides one array as stored, chunks that decode from the front, and batches that
+    fit the budget. Where blocks decode each chunk once they stay: tensorstore reads them
+    with fewer copies than stored bytes handed to Python."""
+    if not job.as_stored or job.stored is not None or os.environ.get("CKPTPARITY_IN_STEP", "").strip() == "0":
+        return None
+    itemsize = max(_itemsize(job.la.dtype), _itemsize(job.lb.dtype))
+    _, decodes, stored = _plan_blocks(extent, job.la, job.lb, itemsize, read_budget)
+    if decodes <= stored:
+        return None
+    formats = []
+    for view, leaf in ((va, job.la), (vb, job.lb)):
+        fmt = view.checkpoint.row_format(leaf.storage.raw)
+        if fmt is None or leaf.chunk_shape is None or len(leaf.chunk_shape) != len(leaf.shape):
+            return None
+        stored_chunk = tuple(s.stop for s in _stored_block(leaf, tuple(slice(0, c) for c in leaf.chunk_shape)))
+        if tuple(fmt.chunk) != stored_chunk or fmt.dtype.newbyteorder("=") != _np_dtype(leaf.dtype):
+            return None
+        formats.append(fmt)
+    return plan_in_step(_stored_block(job.la, tuple(extent)), formats[0], formats[1], read_budget)
+
+
+def _read_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, opts: CompareOptions) -> None:
+    """Compare a leaf row by row in step (`read_in_step.compare_in_step`). A chunk that does
+    not decode so (damaged, or a form not streamed) starts the leaf again from nothing,
+    read through tensorstore block by block as planned, which names damaged data."""
+    plan, la, lb = job.in_step, job.la, job.lb
+    assert plan is not None
+
+    def compare(a: Any, b: Any, region: tuple[slice, ...]) -> None:
+        job.acc.bytes_read += a.nbytes + b.nbytes
+        _compare_values(job, a, b, _canonical_block(la, region), opts)
+
+    try:
+        compare_in_step(
+            plan,
+            lambda coords: va.checkpoint.chunk_rows(la.storage.raw, coords, plan.fmt_a),
+            lambda coords: vb.checkpoint.chunk_rows(lb.storage.raw, coords, plan.fmt_b),
+            compare, process_threads(),
+        )
+    except NotStreamable:
+        job.acc = _Accumulator()
+        job.in_step = None
+        for block in job.blocks:
+            _compare_reads(va, vb, job, block, _start_reads(va, vb, job, block), opts)
+
+
+def _compare_reads(va: NormalizedView, vb: NormalizedView, job: _Job, block: tuple[slice, ...], reads: tuple[Any, Any], opts: CompareOptions) -> None:
+    """Compare one block's two reads (a slab's B side part by part, see `_SlabParts`)."""
+    pa, pb = reads
+    if isinstance(pb, _SlabParts):
+        a = pa.result()
+        for part, b in pb.parts():  # each B part against the same region of A's slab
+            _compare_values(job, np.ascontiguousarray(a[_stored_block(job.la, _relative(part, block))]), b, part, opts)
+            del b
+    else:
+        a = pa.result()
+        b = pb.result()
+        _compare_values(job, a, b, block, opts)
+    job.acc.bytes_read += pa.nbytes + pb.nbytes
 
 
 def _chunk_extents(leaf: LogicalLeaf, ndim: int) -> Optional[tuple[int, ...]]:
@@ -384,7 +462,8 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
     """
     for _, job in jobs:
         _plan_slab_depth(job, opts.read_budget)
-    work = [(pos, job, i, _block_bytes(job, job.blocks[i])) for pos, job in jobs for i in range(len(job.blocks))]
+    work = [(pos, job, i, _block_bytes(job, job.blocks[i])) if job.in_step is None else (pos, job, len(job.blocks) - 1, job.in_step.held)
+            for pos, job in jobs for i in (range(len(job.blocks)) if job.in_step is None else [0])]
     inflight: deque = deque()
     held = 0
     nxt = 0
@@ -397,8 +476,10 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
             block = job.blocks[i]
             if job.stored is not None and misses >= STORED_MISSES_BEFORE_VALUES and i == 0:
                 job.stored = None
-            if job.stored is not None:
-                reads: Any = job.stored.start(va, vb, block)
+            if job.in_step is not None:
+                reads: Any = _IN_STEP  # read when its turn comes: its chunks decode in pieces
+            elif job.stored is not None:
+                reads = job.stored.start(va, vb, block)
             else:
                 reads = _start_reads(va, vb, job, block)
             inflight.append((pos, job, i, cost, reads))
@@ -408,14 +489,10 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
     while nxt < len(work) or inflight:
         issue()
         pos, job, i, cost, reads = inflight.popleft()
-        if isinstance(reads, tuple) and isinstance(reads[1], _SlabParts):
-            pa, pb = reads
-            a, block = pa.result(), job.blocks[i]
-            for part, b in pb.parts():  # each B part against the same region of A's slab
-                _compare_values(job, np.ascontiguousarray(a[_stored_block(job.la, _relative(part, block))]), b, part, opts)
-                del b
-            job.acc.bytes_read += pa.nbytes + pb.nbytes
-            del a, pa, pb
+        if reads is _IN_STEP:
+            _read_in_step(va, vb, job, opts)
+        elif isinstance(reads, tuple) and isinstance(reads[1], _SlabParts):
+            _compare_reads(va, vb, job, job.blocks[i], reads, opts)
         elif isinstance(reads, tuple):
             pa, pb = reads
             a, b = pa.result(), pb.result()
@@ -443,6 +520,7 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
 
 
 STORED_MISSES_BEFORE_VALUES = 3
+_IN_STEP = object()  # a work item read by `_read_in_step` when its turn comes
 
 
 def _switch_to_values(va: NormalizedView, vb: NormalizedView, inflight: deque, every_leaf: bool, job: _Job) -> None:
@@ -453,7 +531,7 @@ def _switch_to_values(va: NormalizedView, vb: NormalizedView, inflight: deque, e
     was counted decoded, so reading it as values holds no more than the budget allows."""
     not_begun = {id(j) for _, j, i, _, _ in inflight if i == 0}  # blocks settle in order
     for k, (pos, j, i, cost, reads) in enumerate(inflight):
-        if isinstance(reads, tuple):
+        if isinstance(reads, tuple) or reads is _IN_STEP:
             continue
         if j is job or every_leaf and id(j) in not_begun:
             j.stored = None
@@ -576,7 +654,7 @@ def held_by_read(leaf: LogicalLeaf, block: tuple[slice, ...]) -> int:
         for s, ci, d in zip(block, c, leaf.shape):
             ci = max(1, min(ci, d))
             touched *= min(-(-s.stop // ci) * ci, d) - s.start // ci * ci
-        total += touched * _itemsize(leaf.dtype)
+        total += 2 * touched * _itemsize(leaf.dtype)  # decoded, and their stored bytes (at most as many)
     return total
 
 

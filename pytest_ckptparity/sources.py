@@ -26,6 +26,7 @@ from pytest_ckptparity._threads import tensorstore_context
 from pytest_ckptparity._paths import KeyPath, path_str
 from pytest_ckptparity.errors import CkptParityUsageError
 from pytest_ckptparity.storage import Storage, StorageError, explain, open_storage
+from pytest_ckptparity.zarr_rows import ChunkRows, NotStreamable, RowFormat, row_format
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
@@ -71,6 +72,14 @@ class Checkpoint:
         """How the leaf is stored (chunk grid and encoding), when its stored chunk bytes can be
         compared (`stored_chunk`); None means compare decoded values only."""
         return None
+
+    def row_format(self, path: KeyPath) -> Optional["RowFormat"]:
+        """How the leaf's stored chunks decode from the front (`zarr_rows`), when they can;
+        None means read it through `read`."""
+        return None
+
+    def chunk_rows(self, path: KeyPath, coords: tuple[int, ...], fmt: "RowFormat") -> "ChunkRows":
+        raise NotImplementedError
 
     def with_name(self, name: str) -> "Checkpoint":
         self.name = name
@@ -468,10 +477,8 @@ class OrbaxCheckpoint(Checkpoint):
         or metadata this method does not understand (the caller then compares values)."""
         if self.leaves()[path].dtype == "str":
             return None
-        param = ".".join(path)
-        name = "zarr.json" if self.use_zarr3 else ".zarray"
         try:
-            meta = json.loads(self._kvstore().read(f"{param}/{name}").result().value)
+            meta = dict(self._zarr_meta(path))
             if self.use_zarr3:
                 grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
                 encoding = meta.get("chunk_key_encoding") or {"name": "default"}
@@ -485,6 +492,50 @@ class OrbaxCheckpoint(Checkpoint):
             return ChunkLayout(tuple(int(c) for c in grid), json.dumps(meta, sort_keys=True), sep, prefix)
         except Exception:  # noqa: BLE001 - an unexpected layout only loses the shortcut
             return None
+
+    def _zarr_meta(self, path: KeyPath) -> dict:
+        """The leaf's zarr metadata (`.zarray` or `zarr.json`), read once."""
+        cache = self.__dict__.setdefault("_metas", {})
+        if path not in cache:
+            name = "zarr.json" if self.use_zarr3 else ".zarray"
+            cache[path] = json.loads(self._kvstore().read(f"{'.'.join(path)}/{name}").result().value)
+        return cache[path]
+
+    def row_format(self, path: KeyPath) -> Optional[RowFormat]:
+        if self.leaves()[path].dtype == "str":
+            return None
+        try:
+            return row_format(self._zarr_meta(path))
+        except Exception:  # noqa: BLE001 - unreadable metadata only loses streaming; reads will say why
+            return None
+
+    def chunk_rows(self, path: KeyPath, coords: tuple[int, ...], fmt: RowFormat) -> ChunkRows:
+        """The rows of one stored chunk, decoded from the front as they are asked for."""
+        param = ".".join(path)
+        layout = self.chunk_layout(path)
+        if layout is None:
+            raise NotStreamable(f"array '{param}': its chunk keys are not known")
+        key = layout.key(param, coords)
+        kv = self._kvstore()
+
+        def fetch(start: int, stop: Optional[int]) -> Pending:
+            fut = kv.read(key, byte_range=slice(start, stop))
+
+            def get() -> Optional[bytes]:
+                try:
+                    r = fut.result()
+                except Exception as e:  # noqa: BLE001
+                    if "OUT_OF_RANGE" not in str(e) or stop is None:
+                        raise NotStreamable(f"chunk '{key}': {_short(e)}") from None
+                    try:  # the last piece: what is left of the value
+                        r = kv.read(key, byte_range=slice(start, None)).result()
+                    except Exception as e2:  # noqa: BLE001
+                        raise NotStreamable(f"chunk '{key}': {_short(e2)}") from None
+                return bytes(r.value) if r.state == "value" else None
+
+            return Pending(get, 0)
+
+        return ChunkRows(fmt, fetch, f"chunk '{key}' of '{self.item_dir}'")
 
     def stored_chunk(self, path: KeyPath, coords: tuple[int, ...], layout: ChunkLayout) -> Pending:
         """Start reading the stored (still encoded) bytes of one chunk; the result is bytes,

@@ -16,9 +16,11 @@ import pytest_ckptparity
 LAYERS = [
     {"_model", "_paths", "errors", "_native", "_threads", "_run_hooks", "examples"},
     {"storage"},
+    {"zarr_rows"},
     {"sources"},
     {"normalize"},
     {"kernel"},
+    {"read_in_step"},
     {"read_plan"},
     {"fingerprint"},
     {"diff"},

@@ -193,8 +193,8 @@ def test_slab_reads_count_a_slab_and_the_parts_in_flight_in_the_budget():
         job.slab_depth = depth
         in_flight = depth * max(8 * 48 + 8 * 48, 64 * 6 + 8 * 6)  # a chunk decoding and its part, a side
         assert plan_mod._block_bytes(job, slab) == (8 * 48 + in_flight + 2 * 8 * 6) * 4
-    job.as_stored = False  # read through the views: every chunk the slab touches, at once
-    assert plan_mod._block_bytes(job, slab) == (2 * 8 * 48 + 8 * 48 + 64 * 48) * 4
+    job.as_stored = False  # read through the views: every chunk the slab touches, at once, with its stored bytes
+    assert plan_mod._block_bytes(job, slab) == (2 * 8 * 48 + 2 * (8 * 48 + 64 * 48)) * 4
 
 
 @pytest.mark.parametrize("grids", [((8, 48), (64, 6)), ((16, 48), (64, 12)), ((64, 6), (8, 48)), ((32, 16), (16, 32)), ((8, 48), (8, 6))])
@@ -273,7 +273,7 @@ def test_the_next_block_is_read_while_one_is_compared_once_its_chunks_are_freed(
     b = ex.save(tmp_path / "b", {"w": (w * (1 + 1e-7 * np.sign(w))).astype(np.float32)}, step=0, chunk_byte_size=4096)
     chunk = 4096
     assert math.prod(Comparison(a, b).views[0].leaves["params/w"].chunk_shape) * 4 == chunk
-    budget = 7 * chunk  # a block (one chunk a side) costs 4 chunks in flight, 2 once read
+    budget = 9 * chunk  # a block (one chunk a side) costs 6 chunks in flight (block, decoded chunk, stored bytes), 2 once read
     log = _InFlight(monkeypatch)
     issued_at_compare = []
     real = plan_mod._compare_values
@@ -282,3 +282,26 @@ def test_the_next_block_is_read_while_one_is_compared_once_its_chunks_are_freed(
     assert report.passed and report.results[0].stats.n_total == 64 * 64
     assert len(issued_at_compare) == 4  # four blocks of one chunk
     assert issued_at_compare == [4, 6, 8, 8]  # the next block's two reads are out before each compare
+
+
+def test_merged_figures_do_not_depend_on_the_order_blocks_come_in():
+    """Two blocks with an equal headroom, an equal worst difference and mismatches of their
+    own: merged either way, the ties go to the earliest index and the first indices are the
+    earliest ones (a read plan, in step, in slabs or in blocks, picks the order)."""
+    def part(index, first):
+        acc = kernel_mod._Accumulator()
+        acc.n_total, acc.n_mismatch = 10, len(first)
+        acc.headroom, acc.headroom_index = 2.0, index
+        acc.max_abs, acc.worst = 1.0, (1.0, index, 1.0, 0.0)
+        acc.first = list(first)
+        return acc
+
+    orders = []
+    for x, y in ((part((3, 1), [(3, 1), (3, 2)]), part((0, 7), [(0, 7)])), (part((0, 7), [(0, 7)]), part((3, 1), [(3, 1), (3, 2)]))):
+        acc = kernel_mod._Accumulator()
+        acc.merge(x)
+        acc.merge(y)
+        orders.append(acc.stats())
+    assert orders[0] == orders[1]
+    assert orders[0].headroom_index == (0, 7) and orders[0].worst_index == (0, 7)
+    assert orders[0].first_indices == ((0, 7), (3, 1), (3, 2))

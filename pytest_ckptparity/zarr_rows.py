@@ -1,0 +1,346 @@
+"""A stored zarr chunk decoded from the front, a few rows at a time.
+
+tensorstore decodes a chunk whole, and while it does it holds the chunk's stored bytes, the
+decoded chunk and the copy it hands out: three times the chunk, however little of it a read
+wants. Two checkpoints written on different meshes need, for any region, parts of several
+chunks of each side, so reading them so holds many chunks or decodes each several times.
+
+A zarr chunk whose codecs are plain C-order bytes, compressed as one stream (zstd, zlib,
+gzip) or not at all, can instead be decompressed from the front: its rows along the first
+stored axis come out in order, and only the rows asked for, a piece of the stored bytes and
+the decompressor's window are held. `read_in_step` reads two chunk grids that way.
+
+Anything else (blosc, sharding, checksums, filters, a transposed order, a chunk missing
+without a fill value) is not streamed: `row_format` gives None, or `ChunkRows` raises
+`NotStreamable`, and the caller reads through tensorstore, which also names damaged data.
+zstd is libzstd through ctypes (the decompression runs without the GIL); where libzstd is
+not installed, zstd chunks are not streamed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import zlib
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+INPUT_PIECE = 2 << 20  # stored bytes read at once, a chunk (one more is read ahead)
+
+
+class NotStreamable(Exception):
+    """This chunk cannot be decoded here; read it through tensorstore."""
+
+
+class RowFormat:
+    """What decoding a stored chunk needs: its dtype as stored (byte order included), its
+    shape, the compression of its byte stream and the value of a chunk not stored."""
+
+    __slots__ = ("dtype", "chunk", "codec", "fill")
+
+    def __init__(self, dtype: np.dtype, chunk: tuple[int, ...], codec: str, fill: Optional[np.ndarray]) -> None:
+        self.dtype, self.chunk, self.codec, self.fill = dtype, chunk, codec, fill
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.chunk[1:]) * self.dtype.itemsize
+
+
+def _dtype(name: Any) -> Optional[np.dtype]:
+    if not isinstance(name, str):
+        return None
+    try:
+        if name.lstrip("<>|=") == "bfloat16" or name == "bfloat16":
+            import ml_dtypes
+
+            dt = np.dtype(ml_dtypes.bfloat16)
+            return dt.newbyteorder(">") if name.startswith(">") else dt
+        dt = np.dtype(name)
+    except TypeError:
+        return None
+    return dt if dt.kind in "biuf" else None  # no complex, strings, records or datetimes
+
+
+def _fill(value: Any, dtype: np.dtype) -> Optional[np.ndarray]:
+    """The fill value zarr stores for a missing chunk; None when absent or not understood (a
+    missing chunk then goes through tensorstore)."""
+    if value is None or isinstance(value, (list, dict)):
+        return None
+    if isinstance(value, str):
+        named = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
+        if value not in named or dtype.kind != "f":
+            return None
+        value = named[value]
+    try:
+        return np.array(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def row_format(meta: Any) -> Optional[RowFormat]:
+    """The row format of a zarr array (v2 `.zarray` or v3 `zarr.json`, parsed), or None when
+    its chunks cannot be decoded from the front here."""
+    if not isinstance(meta, dict):
+        return None
+    try:
+        if meta.get("zarr_format") == 2:
+            if meta.get("order", "C") != "C" or meta.get("filters"):
+                return None
+            dtype, chunk = _dtype(meta.get("dtype")), tuple(int(c) for c in meta["chunks"])
+            comp = meta.get("compressor")
+            codec = "raw" if comp is None else {"zstd": "zstd", "zlib": "zlib", "gzip": "gzip"}.get(comp.get("id"))
+        elif meta.get("zarr_format") == 3:
+            grid = meta.get("chunk_grid") or {}
+            if grid.get("name") != "regular":
+                return None
+            chunk = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
+            codecs = list(meta.get("codecs") or [])
+            if codecs and codecs[0].get("name") == "transpose":
+                order = (codecs.pop(0).get("configuration") or {}).get("order")
+                if list(order or []) != list(range(len(chunk))):
+                    return None
+            if not codecs or codecs[0].get("name") != "bytes" or len(codecs) > 2:
+                return None
+            endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+            dtype = _dtype(meta.get("data_type"))
+            if dtype is not None and dtype.itemsize > 1:
+                dtype = dtype.newbyteorder("<" if endian == "little" else ">")
+            codec = "raw" if len(codecs) == 1 else {"zstd": "zstd", "gzip": "gzip"}.get(codecs[1].get("name"))
+        else:
+            return None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if dtype is None or codec is None or not chunk or 0 in chunk:
+        return None
+    if codec == "zstd" and _zstd() is None:
+        return None
+    return RowFormat(dtype, chunk, codec, _fill(meta.get("fill_value"), dtype))
+
+
+# --------------------------------------------------------------------------------------
+# zstd through ctypes
+# --------------------------------------------------------------------------------------
+
+
+class _Buffer(ctypes.Structure):
+    """ZSTD_inBuffer and ZSTD_outBuffer: a pointer, a size and a position."""
+
+    _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+_ZSTD: list = []  # [library or None], looked up once
+_ZSTD_D_WINDOW_LOG_MAX = 100  # ZSTD_d_windowLogMax
+
+
+def _zstd() -> Any:
+    if not _ZSTD:
+        lib = None
+        name = ctypes.util.find_library("zstd")
+        for candidate in ([name] if name else []) + ["libzstd.so.1", "libzstd.dylib"]:
+            try:
+                lib = ctypes.CDLL(candidate)
+                lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+                lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+                lib.ZSTD_DCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                lib.ZSTD_DCtx_setParameter.restype = ctypes.c_size_t
+                lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]
+                lib.ZSTD_decompressStream.restype = ctypes.c_size_t
+                lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+                lib.ZSTD_isError.restype = ctypes.c_uint
+                lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+                lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+                break
+            except (OSError, AttributeError):
+                lib = None
+        _ZSTD.append(lib)
+    return _ZSTD[0]
+
+
+def zstd_window(header: bytes) -> Optional[int]:
+    """The window a zstd frame's decoder holds, from the frame header (RFC 8878 3.1.1.1);
+    None when `header` does not start a zstd frame."""
+    if len(header) < 6 or int.from_bytes(header[:4], "little") != 0xFD2FB528:
+        return None
+    fhd = header[4]
+    if not fhd & 0x20:  # a window descriptor follows
+        exponent, mantissa = header[5] >> 3, header[5] & 7
+        base = 1 << (10 + exponent)
+        return base + (base >> 3) * mantissa
+    pos = 5 + (0, 1, 2, 4)[fhd & 3]  # single segment: the window is the content size
+    size = (1, 2, 4, 8)[fhd >> 6]
+    if len(header) < pos + size:
+        return None
+    return int.from_bytes(header[pos:pos + size], "little") + (256 if size == 2 else 0)
+
+
+# --------------------------------------------------------------------------------------
+# One chunk's rows
+# --------------------------------------------------------------------------------------
+
+Fetch = Callable[[int, Optional[int]], Any]  # (start, stop or None for the end) -> pending bytes (None: no chunk)
+
+
+class ChunkRows:
+    """The rows of one stored chunk, in order, `read(k)` rows at a time.
+
+    `fetch(start, stop)` starts reading a byte range of the chunk's stored value and returns
+    something whose `result()` is the bytes, or None when the chunk is not stored. One piece
+    is read ahead while the one before is decompressed."""
+
+    def __init__(self, fmt: RowFormat, fetch: Fetch, what: str) -> None:
+        self.fmt, self.fetch, self.what = fmt, fetch, what
+        self.rows_done = 0
+        self._offset = 0  # stored bytes asked for so far
+        self._ahead: Any = None
+        self._input: Optional[bytes] = None
+        self._in = _Buffer(None, 0, 0)
+        self._dctx: Any = None
+        self._inflate: Any = None
+        self._missing = False
+        self._started = False
+        if fmt.codec != "raw":
+            self._ahead = self._next_piece()
+
+    def _next_piece(self) -> Any:
+        start = self._offset
+        self._offset += INPUT_PIECE
+        return self.fetch(start, start + INPUT_PIECE)
+
+    def _take_piece(self) -> Optional[bytes]:
+        piece = self._ahead.result()
+        if piece is None or len(piece) == 0:
+            return piece
+        self._ahead = self._next_piece() if len(piece) == INPUT_PIECE else _Done()
+        return piece
+
+    def read(self, k: int) -> np.ndarray:
+        """The next `k` rows, shape (k, *chunk[1:]), in native byte order."""
+        out = np.empty((min(k, max(self.fmt.chunk[0] - self.rows_done, 0)), *self.fmt.chunk[1:]), self.fmt.dtype)
+        self._decode(out)
+        return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
+
+    def read_into(self, out: np.ndarray) -> None:
+        """The next `len(out)` rows, decoded into `out` (C-contiguous, the chunk's row shape,
+        native byte order): no copy when the chunk is stored in native order."""
+        if out.dtype.byteorder == self.fmt.dtype.byteorder or self.fmt.dtype.isnative or out.dtype.itemsize == 1:
+            self._decode(out.view(self.fmt.dtype))
+        else:
+            out[...] = self.read(len(out))
+
+    def _decode(self, out: np.ndarray) -> None:
+        fmt = self.fmt
+        k = len(out)
+        if self.rows_done + k > fmt.chunk[0]:
+            raise ValueError(f"{self.what}: {k} rows asked past the chunk's {fmt.chunk[0]}")
+        if k <= 0:
+            return
+        if self._missing:
+            out[...] = fmt.fill
+        elif fmt.codec == "raw":
+            start = self.rows_done * fmt.row_bytes
+            data = self.fetch(start, start + k * fmt.row_bytes).result()
+            if data is None:
+                self._fill_missing(out)
+            elif len(data) != out.nbytes:
+                raise NotStreamable(f"{self.what}: {len(data)} stored bytes where {out.nbytes} were expected")
+            else:
+                out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+        elif fmt.codec == "zstd":
+            self._zstd_into(out)
+        else:
+            self._inflate_into(out)
+        self.rows_done += k
+
+    def _fill_missing(self, out: np.ndarray) -> None:
+        if self.fmt.fill is None:
+            raise NotStreamable(f"{self.what}: not stored, and its fill value is not understood")
+        self._missing = True
+        out[...] = self.fmt.fill
+
+    def _first_input(self, out: np.ndarray) -> bool:
+        """Take the first piece; False when the chunk is not stored (`out` then holds the fill)."""
+        if not self._started:
+            self._started = True
+            piece = self._take_piece()
+            if piece is None:
+                self._fill_missing(out)
+                return False
+            self._set_input(piece)
+        return not self._missing
+
+    def _set_input(self, piece: bytes) -> None:
+        self._input = piece
+        self._in = _Buffer(ctypes.cast(ctypes.c_char_p(piece), ctypes.c_void_p), len(piece), 0)
+
+    def _zstd_into(self, out: np.ndarray) -> None:
+        lib = _zstd()
+        if self._dctx is None:
+            self._dctx = lib.ZSTD_createDCtx()
+            if not self._dctx:
+                raise NotStreamable(f"{self.what}: no zstd decoder")
+            lib.ZSTD_DCtx_setParameter(self._dctx, _ZSTD_D_WINDOW_LOG_MAX, 31)  # any window a writer chose
+        if not self._first_input(out):
+            return
+        dst = _Buffer(out.ctypes.data, out.nbytes, 0)
+        while dst.pos < dst.size:
+            if self._in.pos == self._in.size:
+                piece = self._take_piece()
+                if not piece:
+                    raise NotStreamable(f"{self.what}: the stored bytes end before the chunk does")
+                self._set_input(piece)
+            ret = lib.ZSTD_decompressStream(self._dctx, ctypes.byref(dst), ctypes.byref(self._in))
+            if lib.ZSTD_isError(ret):
+                raise NotStreamable(f"{self.what}: {lib.ZSTD_getErrorName(ret).decode(errors='replace')}")
+
+    def _inflate_into(self, out: np.ndarray) -> None:
+        if self._inflate is None:
+            self._inflate = zlib.decompressobj(31 if self.fmt.codec == "gzip" else 15)
+            self._pending = b""
+        if not self._first_input(out):
+            return
+        flat = out.reshape(-1).view(np.uint8)
+        pos = 0
+        try:
+            while pos < flat.size:
+                if not self._pending:
+                    if self._input is None:
+                        piece = self._take_piece()
+                        if not piece:
+                            raise NotStreamable(f"{self.what}: the stored bytes end before the chunk does")
+                        self._input = piece
+                    self._pending, self._input = self._input, None
+                data = self._inflate.decompress(self._pending, flat.size - pos)
+                self._pending = self._inflate.unconsumed_tail
+                if self._inflate.eof and not data and pos < flat.size:
+                    raise NotStreamable(f"{self.what}: the stored stream ends before the chunk does")
+                flat[pos:pos + len(data)] = np.frombuffer(data, np.uint8)
+                pos += len(data)
+        except zlib.error as e:
+            raise NotStreamable(f"{self.what}: {e}") from None
+
+    def skip(self, k: int) -> None:
+        """Decode and drop `k` rows (a region that starts inside the chunk), a piece at a time."""
+        step = max(1, INPUT_PIECE // max(self.fmt.row_bytes, 1))
+        while k > 0:
+            n = min(k, step)
+            self.read(n)
+            k -= n
+
+    def close(self) -> None:
+        if self._dctx is not None:
+            _zstd().ZSTD_freeDCtx(self._dctx)
+            self._dctx = None
+        self._input = self._ahead = self._inflate = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _Done:
+    """The piece after the last one: nothing more is stored."""
+
+    @staticmethod
+    def result() -> bytes:
+        return b""

@@ -1,0 +1,280 @@
+"""Two chunk grids read row by row, in step (`read_in_step`, `zarr_rows`): a stored zarr chunk
+decoded from the front gives exactly what tensorstore decodes, every chunk is opened once,
+and the verdict, figures and indices equal those of reading the same pair in slabs."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pytest_ckptparity import Comparison
+from pytest_ckptparity import read_in_step
+from pytest_ckptparity import zarr_rows
+from pytest_ckptparity.diff import CompareOptions
+from pytest_ckptparity.sources import OrbaxCheckpoint, Pending
+from pytest_ckptparity.zarr_rows import ChunkRows, NotStreamable, RowFormat, row_format, zstd_window
+
+# The stacked mlp kernels' common block (both grids' whole chunks) is 48 KiB a side: this
+# budget cannot hold it twice, so blocks would be slabs, and the leaf is read in step.
+BUDGET = 80 << 10
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Stored bytes read 512 at a time: piece edges fall inside rows and inside zstd blocks."""
+    monkeypatch.setattr(zarr_rows, "INPUT_PIECE", 512)
+    monkeypatch.setattr(read_in_step, "INPUT_PIECE", 512)
+    monkeypatch.setattr(read_in_step, "WINDOW_GUESS", 256)
+
+
+# --------------------------------------------------------------------------------------
+# One chunk decoded from the front equals tensorstore's decoding
+# --------------------------------------------------------------------------------------
+
+
+def _write_zarr(path, zarr_format, codec, dtype, values, chunks):
+    """An array written by tensorstore itself (zarr v2 or v3), with the given compression."""
+    import tensorstore as ts
+
+    if zarr_format == 2:
+        compressor = None if codec == "raw" else {"zstd": {"id": "zstd", "level": 3}, "zlib": {"id": "zlib", "level": 5}, "gzip": {"id": "gzip", "level": 5}}[codec]
+        spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)},
+                "metadata": {"shape": list(values.shape), "chunks": list(chunks), "dtype": dtype, "compressor": compressor, "fill_value": 0}}
+    else:
+        codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+        if codec != "raw":
+            codecs.append({"name": codec, "configuration": {"level": 3} if codec == "zstd" else {"level": 5}})
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+                "metadata": {"shape": list(values.shape), "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+                             "data_type": dtype, "codecs": codecs, "fill_value": 0}}
+    arr = ts.open(spec, create=True).result()
+    arr.write(values).result()
+    meta_name = ".zarray" if zarr_format == 2 else "zarr.json"
+    import json
+
+    return arr, json.loads((path / meta_name).read_text())
+
+
+def _fetcher(path, key):
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "file", "path": str(path) + "/"}).result()
+
+    def fetch(start, stop):
+        try:
+            value = kv.read(key, byte_range=slice(start, stop)).result()
+        except ValueError:  # past the end: what is left
+            value = kv.read(key, byte_range=slice(start, None)).result()
+        return Pending(lambda: bytes(value.value) if value.state == "value" else None, 0)
+
+    return fetch
+
+
+@pytest.mark.parametrize("zarr_format, codec", [(2, "zstd"), (2, "zlib"), (2, "gzip"), (2, "raw"), (3, "zstd"), (3, "gzip"), (3, "raw")])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
+def test_a_chunk_decoded_from_the_front_is_what_tensorstore_decodes(tmp_path, small_pieces, zarr_format, codec, dtype):
+    """Every chunk (edge chunks included, padded by zarr), read 1, 3 and then the rest of
+    its rows at a time, equals tensorstore's read of the same region."""
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    values = (np.random.default_rng(0).standard_normal((37, 5, 9)) * 100).astype(np_dtype)
+    v2_dtype = {"float32": "<f4", "bfloat16": "bfloat16", "int32": "<i4"}[dtype]
+    arr, meta = _write_zarr(tmp_path / "arr", zarr_format, codec, v2_dtype if zarr_format == 2 else dtype, values, (8, 5, 4))
+    fmt = row_format(meta)
+    assert fmt is not None and fmt.codec == codec and fmt.chunk == (8, 5, 4)
+    for coords in itertools.product(range(5), range(1), range(3)):
+        key = ".".join(map(str, coords)) if zarr_format == 2 else "c/" + "/".join(map(str, coords))
+        rows = ChunkRows(fmt, _fetcher(tmp_path / "arr", key), key)
+        got = np.concatenate([rows.read(1), rows.read(3), rows.read(100)])
+        assert got.shape == (8, 5, 4) and rows.rows_done == 8
+        lo = [c * g for c, g in zip(coords, fmt.chunk)]
+        region = tuple(slice(a, min(a + g, n)) for a, g, n in zip(lo, fmt.chunk, values.shape))
+        valid = tuple(slice(0, r.stop - r.start) for r in region)
+        np.testing.assert_array_equal(got[valid], values[region])
+        rows.close()
+
+
+def test_rows_decode_straight_into_a_batch_and_big_endian_is_swapped(tmp_path):
+    values = np.arange(4 * 3, dtype=">f4").reshape(4, 3)
+    _, meta = _write_zarr(tmp_path / "be", 2, "zlib", ">f4", values, (4, 3))
+    fmt = row_format(meta)
+    assert fmt is not None and not fmt.dtype.isnative
+    rows = ChunkRows(fmt, _fetcher(tmp_path / "be", "0.0"), "be")
+    out = np.empty((2, 3), np.float32)
+    rows.read_into(out)
+    np.testing.assert_array_equal(out, values[:2].astype(np.float32))
+    np.testing.assert_array_equal(rows.read(2), values[2:].astype(np.float32))
+
+
+@pytest.mark.parametrize("meta", [
+    {"zarr_format": 2, "chunks": [4], "dtype": "<f4", "compressor": {"id": "blosc"}, "order": "C", "filters": None},
+    {"zarr_format": 2, "chunks": [4], "dtype": "<f4", "compressor": None, "order": "F", "filters": None},
+    {"zarr_format": 2, "chunks": [4], "dtype": "<f4", "compressor": None, "order": "C", "filters": [{"id": "delta"}]},
+    {"zarr_format": 2, "chunks": [4], "dtype": "<c8", "compressor": None, "order": "C", "filters": None},
+    {"zarr_format": 3, "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [4, 4]}}, "data_type": "float32",
+     "codecs": [{"name": "sharding_indexed", "configuration": {}}]},
+    {"zarr_format": 3, "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [4, 4]}}, "data_type": "float32",
+     "codecs": [{"name": "bytes"}, {"name": "zstd"}, {"name": "crc32c"}]},
+    {"zarr_format": 3, "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [4, 4]}}, "data_type": "float32",
+     "codecs": [{"name": "transpose", "configuration": {"order": [1, 0]}}, {"name": "bytes"}]},
+    {"zarr_format": 3, "chunk_grid": {"name": "rectilinear"}, "data_type": "float32", "codecs": [{"name": "bytes"}]},
+    "not metadata",
+])
+def test_chunks_that_do_not_decode_from_the_front_are_left_to_tensorstore(meta):
+    assert row_format(meta) is None
+
+
+def test_an_identity_transpose_still_decodes_from_the_front():
+    meta = {"zarr_format": 3, "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [4, 4]}}, "data_type": "float32",
+            "codecs": [{"name": "transpose", "configuration": {"order": [0, 1]}}, {"name": "bytes", "configuration": {"endian": "big"}}], "fill_value": "NaN"}
+    fmt = row_format(meta)
+    assert fmt is not None and fmt.codec == "raw" and fmt.dtype == np.dtype(">f4") and np.isnan(fmt.fill)
+
+
+def test_the_zstd_window_is_read_from_the_frame_header():
+    assert zstd_window(bytes([0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x48])) == 1 << 19  # exponent 9: 512 KiB
+    assert zstd_window(bytes([0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x4A])) == (1 << 19) + 2 * (1 << 16)  # mantissa 2
+    assert zstd_window(bytes([0x28, 0xB5, 0x2F, 0xFD, 0x20, 0x10])) == 0x10  # single segment: the content size
+    assert zstd_window(b"not a zstd frame") is None
+
+
+@pytest.mark.parametrize("stored", [b"", b"\x28\xb5\x2f\xfd garbage that is no frame", None])
+def test_damaged_or_missing_chunks_without_a_fill_value_are_not_streamable(stored):
+    """A stored stream that ends early or is not zstd, or a missing chunk whose fill value is
+    not known (orbax writes `null`), is not guessed at: the leaf goes back to tensorstore."""
+    fmt = RowFormat(np.dtype("<f4"), (4, 3), "zstd", None)
+    rows = ChunkRows(fmt, lambda start, stop: Pending(lambda: stored if start == 0 else b"", 0), "chunk")
+    with pytest.raises(NotStreamable):
+        rows.read(2)
+
+
+def test_a_truncated_zlib_stream_is_not_streamable():
+    data = zlib.compress(np.arange(12, dtype="<f4").tobytes())[:-8]
+    rows = ChunkRows(RowFormat(np.dtype("<f4"), (4, 3), "zlib", None), lambda s, e: Pending(lambda: data[s:e], 0), "chunk")
+    with pytest.raises(NotStreamable):
+        rows.read(4)
+
+
+def test_a_missing_chunk_reads_as_its_fill_value():
+    rows = ChunkRows(RowFormat(np.dtype("<f4"), (4, 3), "zstd", np.array(1.5, "<f4")), lambda s, e: Pending(lambda: None, 0), "chunk")
+    np.testing.assert_array_equal(rows.read(3), np.full((3, 3), 1.5, np.float32))
+    np.testing.assert_array_equal(rows.read(3), np.full((1, 3), 1.5, np.float32))
+
+
+# --------------------------------------------------------------------------------------
+# A layer-stacked TrainState written from two meshes
+# --------------------------------------------------------------------------------------
+
+
+class _Reads:
+    """Counts the chunks opened row by row and the leaves read through tensorstore."""
+
+    def __init__(self, monkeypatch):
+        self.opened, self.tensorstore = [], []
+        chunk_rows, read = OrbaxCheckpoint.chunk_rows, OrbaxCheckpoint.read
+
+        def counted_chunk_rows(ckpt, path, coords, fmt):
+            self.opened.append((ckpt.name, path, coords))
+            return chunk_rows(ckpt, path, coords, fmt)
+
+        def counted_read(ckpt, path, index=None):
+            self.tensorstore.append((ckpt.name, path))
+            return read(ckpt, path, index)
+
+        monkeypatch.setattr(OrbaxCheckpoint, "chunk_rows", counted_chunk_rows)
+        monkeypatch.setattr(OrbaxCheckpoint, "read", counted_read)
+
+
+def _run(a, b, monkeypatch, in_step=True, budget=BUDGET):
+    if in_step:
+        monkeypatch.delenv("CKPTPARITY_IN_STEP", raising=False)
+    else:
+        monkeypatch.setenv("CKPTPARITY_IN_STEP", "0")
+    return Comparison(a, b, options=CompareOptions(read_budget=budget)).run()
+
+
+def _figures(report):
+    return {r.path: (r.kind, r.bytes_read, dataclasses.asdict(r.stats) if r.stats else None) for r in report.results}
+
+
+MLP = "params.params.decoder.layers.mlp.wi_0.kernel".split(".")
+
+
+def test_rows_in_step_open_every_chunk_once_and_never_decode_the_leaf_whole(stack_meshes, monkeypatch, small_pieces):
+    reads = _Reads(monkeypatch)
+    report = _run(stack_meshes["a"], stack_meshes["b"], monkeypatch)
+    assert report.passed
+    opened = [(side, path, coords) for side, path, coords in reads.opened if list(path) == MLP]
+    # A: 4 x 1 x 2 chunks (fsdp rows, tensor columns), B: 1 x 1 x 8 (tensor columns)
+    assert sorted(c for s, _, c in opened if s == "A") == [(r, 0, c) for r in range(4) for c in range(2)]
+    assert sorted(c for s, _, c in opened if s == "B") == [(0, 0, c) for c in range(8)]
+    assert not [p for _, p in reads.tensorstore if list(p) == MLP]  # never decoded by tensorstore
+    (wi_0,) = [r for r in report.results if r.path == "params/decoder/layers/mlp/wi_0/kernel"]
+    assert wi_0.stats.n_total == 3 * 64 * 128 and wi_0.bytes_read == 2 * 3 * 64 * 128 * 4
+
+
+@pytest.mark.parametrize("b", ["b", "b_planted", "b_noisy"])
+def test_rows_in_step_give_the_figures_of_slabs_and_of_whole_blocks(stack_meshes, monkeypatch, small_pieces, b):
+    """The same verdict, counts, worst values, indices and per-layer drift, leaf by leaf,
+    whether the pair is read in step, in slabs (`CKPTPARITY_IN_STEP=0`) or in whole blocks
+    (the default budget)."""
+    in_step = _run(stack_meshes["a"], stack_meshes[b], monkeypatch)
+    slabs = _run(stack_meshes["a"], stack_meshes[b], monkeypatch, in_step=False)
+    blocks = _run(stack_meshes["a"], stack_meshes[b], monkeypatch, budget=256 << 20)
+    assert _figures(in_step) == _figures(slabs) == _figures(blocks)
+    assert in_step.passed == (b != "b_planted")
+    if b == "b_planted":
+        # the moments are made from the params (examples.linen_train_state): mu differs too
+        assert {r.path for r in in_step.mismatches} == {"params/decoder/layers/mlp/wi_0/kernel", "opt_state/0/mu/decoder/layers/mlp/wi_0/kernel"}
+        (bad,) = [r for r in in_step.mismatches if r.path.startswith("params/")]
+        assert bad.stats.n_mismatch == 1 and bad.stats.first_indices == ((2, 5, 40),) and bad.stats.mismatched_layers == (2,)
+        assert bad.stats.max_abs == pytest.approx(1.0, rel=1e-5)
+    if b == "b_noisy":
+        assert all(r.stats.headroom > 0 for r in in_step.results if r.stats and r.layers)
+
+
+def test_a_chunk_that_fails_to_decode_restarts_the_leaf_through_tensorstore(stack_meshes, monkeypatch, small_pieces):
+    """A decode that fails halfway (after some batches were compared) starts the leaf over
+    from nothing: the counts are not doubled, and the planted difference is still found."""
+    reads = _Reads(monkeypatch)
+    original = ChunkRows.read
+
+    def failing(self, k):
+        if self.rows_done >= 8 and "wi_0" in self.what:
+            raise NotStreamable("damaged")
+        return original(self, k)
+
+    monkeypatch.setattr(ChunkRows, "read", failing)
+    report = _run(stack_meshes["a"], stack_meshes["b_planted"], monkeypatch)
+    (bad,) = [r for r in report.mismatches if r.path.startswith("params/")]
+    assert bad.stats.n_total == 3 * 64 * 128 and bad.stats.n_mismatch == 1 and bad.stats.first_indices == ((2, 5, 40),)
+    assert [p for _, p in reads.tensorstore if list(p) == MLP]  # read again through tensorstore
+
+
+def test_a_layer_range_in_step_reports_those_layers_only(stack_meshes, monkeypatch, small_pieces):
+    from pytest_ckptparity.diff import Selection, diff_views
+
+    monkeypatch.delenv("CKPTPARITY_IN_STEP", raising=False)
+    comparison = Comparison(stack_meshes["a"], stack_meshes["b_planted"], options=CompareOptions(read_budget=BUDGET))
+    va, vb = comparison.views
+    path = "params/decoder/layers/mlp/wi_0/kernel"
+    for layers, fails in (((0, 2), False), ((2, 3), True)):
+        report = diff_views(va, vb, comparison.options, [Selection((path,), layers)])
+        (r,) = report.results
+        assert r.layer_range == layers and r.stats.n_total == (layers[1] - layers[0]) * 64 * 128
+        assert (r.kind is not None) == fails
+        assert [d.layer for d in r.stats.layer_drift] == list(range(*layers))
+
+
+def test_a_budget_too_small_for_batches_reads_slabs(stack_meshes, monkeypatch):
+    """Without the small pieces, the chunks' input pieces and windows do not fit in 80 KiB:
+    the plan keeps slabs, which still find the planted element."""
+    reads = _Reads(monkeypatch)
+    report = _run(stack_meshes["a"], stack_meshes["b_planted"], monkeypatch)
+    assert not reads.opened
+    (bad,) = [r for r in report.mismatches if r.path.startswith("params/")]
+    assert bad.stats.first_indices == ((2, 5, 40),)
