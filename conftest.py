@@ -154,7 +154,8 @@ def two_meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 # tensor=2) mesh (`a`) and from an 8-way tensor mesh (`b`): the mlp kernels' chunk grids
 # then cut rows on one side and columns on the other. `b_planted` is `b` with one element
 # of params' stacked wi_0 changed: layer 2, row 5, column 40 (stored at [5, 2, 40]);
-# `b_noisy` is `b` with every float a little off (within float32's default tolerance).
+# `b_noisy` is `b` with every float a little off (within float32's default tolerance);
+# `a_zarr3` and `b_planted_zarr3` are the same written as zarr3 with sharding, chunks of 4 KiB.
 STACK_MESH_WRITER = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -179,7 +180,10 @@ for name, tree, shape in (("a", params, (4, 2)), ("b", params, (1, 8)), ("b_plan
         x = np.asarray(x)
         axes = next((AXES[n] for n in reversed(names) if n in AXES), ())
         return jax.device_put(x, NamedSharding(mesh, P(*axes) if len(axes) == x.ndim else P()))
-    ex.save(os.path.join(root, name), jax.tree_util.tree_map_with_path(place, ex.linen_train_state(tree)), step=0)
+    state = jax.tree_util.tree_map_with_path(place, ex.linen_train_state(tree))
+    ex.save(os.path.join(root, name), state, step=0)
+    if name in ("a", "b_planted"):  # zarr3 as MaxText writes it: sharded, and chunks of at most 4 KiB in each shard
+        ex.save(os.path.join(root, name + "_zarr3"), state, step=0, zarr3=True, chunk_byte_size=4096)
 """
 
 
@@ -191,4 +195,4 @@ def stack_meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("stack_meshes")
     subprocess.run([sys.executable, "-c", STACK_MESH_WRITER, str(root)], check=True, capture_output=True, timeout=300)
-    return {name: str(root / name) for name in ("a", "b", "b_planted", "b_noisy")}
+    return {name: str(root / name) for name in ("a", "b", "b_planted", "b_noisy", "a_zarr3", "b_planted_zarr3")}

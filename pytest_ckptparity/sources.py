@@ -26,7 +26,7 @@ from pytest_ckptparity._threads import tensorstore_context
 from pytest_ckptparity._paths import KeyPath, path_str
 from pytest_ckptparity.errors import CkptParityUsageError
 from pytest_ckptparity.storage import Storage, StorageError, explain, open_storage
-from pytest_ckptparity.zarr_rows import ChunkRows, NotStreamable, RowFormat, row_format
+from pytest_ckptparity.zarr_rows import MISSING, ChunkRows, NotStreamable, RowFormat, row_format
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
 _STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
@@ -515,8 +515,10 @@ class OrbaxCheckpoint(Checkpoint):
         layout = self.chunk_layout(path)
         if layout is None:
             raise NotStreamable(f"array '{param}': its chunk keys are not known")
-        key = layout.key(param, coords)
         kv = self._kvstore()
+        if fmt.shards is not None:
+            return self._sharded_chunk_rows(param, layout, coords, fmt)
+        key = layout.key(param, coords)
 
         def fetch(start: int, stop: Optional[int]) -> Pending:
             fut = kv.read(key, byte_range=slice(start, stop))
@@ -536,6 +538,39 @@ class OrbaxCheckpoint(Checkpoint):
             return Pending(get, 0)
 
         return ChunkRows(fmt, fetch, f"chunk '{key}' of '{self.item_dir}'")
+
+    def _sharded_chunk_rows(self, param: str, layout: ChunkLayout, coords: tuple[int, ...], fmt: RowFormat) -> ChunkRows:
+        """A chunk of a sharded zarr3 array: its byte range in the shard, from the shard's index."""
+        assert fmt.shards is not None
+        shards, kv = fmt.shards, self._kvstore()
+        shard, inner = shards.locate(coords)
+        key = layout.key(param, shard)
+        what = f"chunk {inner} of shard '{key}' of '{self.item_dir}'"
+        try:
+            r = kv.read(key, byte_range=slice(-shards.index_bytes, None) if shards.index_at_end else slice(0, shards.index_bytes)).result()
+        except Exception as e:  # noqa: BLE001 - tensorstore's read of the leaf will say what is wrong
+            raise NotStreamable(f"{what}: {_short(e)}") from None
+        if r.state != "value":
+            return ChunkRows(fmt, lambda start, stop: Pending(lambda: None, 0), what)  # no shard: the fill value
+        offset, length = (int(x) for x in shards.index(bytes(r.value))[inner])
+        if offset == length == MISSING:
+            return ChunkRows(fmt, lambda start, stop: Pending(lambda: None, 0), what)
+
+        def fetch(start: int, stop: Optional[int]) -> Pending:
+            stop = length if stop is None else min(stop, length)
+            if start >= stop:
+                return Pending(lambda: b"", 0)
+            fut = kv.read(key, byte_range=slice(offset + start, offset + stop))
+
+            def get() -> bytes:
+                try:
+                    return bytes(fut.result().value)
+                except Exception as e:  # noqa: BLE001
+                    raise NotStreamable(f"{what}: {_short(e)}") from None
+
+            return Pending(get, 0)
+
+        return ChunkRows(fmt, fetch, what)
 
     def stored_chunk(self, path: KeyPath, coords: tuple[int, ...], layout: ChunkLayout) -> Pending:
         """Start reading the stored (still encoded) bytes of one chunk; the result is bytes,

@@ -34,14 +34,39 @@ class NotStreamable(Exception):
     """This chunk cannot be decoded here; read it through tensorstore."""
 
 
+class Shards:
+    """zarr v3 `sharding_indexed`: chunks stored several to a value (a shard), each at a byte
+    range the shard's index gives (orbax writes zarr3 so, one chunk per shard by default)."""
+
+    __slots__ = ("per_shard", "index_at_end", "index_bytes")
+
+    def __init__(self, per_shard: tuple[int, ...], index_at_end: bool, checksum: bool) -> None:
+        self.per_shard, self.index_at_end = per_shard, index_at_end
+        self.index_bytes = 16 * math.prod(per_shard) + (4 if checksum else 0)
+
+    def locate(self, coords: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A chunk's shard and its place in the shard's index."""
+        return tuple(c // p for c, p in zip(coords, self.per_shard)), tuple(c % p for c, p in zip(coords, self.per_shard))
+
+    def index(self, stored: bytes) -> np.ndarray:
+        """The (offset, length) of every chunk in a shard, from the index's stored bytes."""
+        if len(stored) != self.index_bytes:
+            raise NotStreamable(f"a shard index of {len(stored)} bytes where {self.index_bytes} were expected")
+        return np.frombuffer(stored, "<u8", count=2 * math.prod(self.per_shard)).reshape(*self.per_shard, 2)
+
+
+MISSING = 2**64 - 1  # a chunk the shard does not store (offset and length both)
+
+
 class RowFormat:
     """What decoding a stored chunk needs: its dtype as stored (byte order included), its
-    shape, the compression of its byte stream and the value of a chunk not stored."""
+    shape, the compression of its byte stream, the value of a chunk not stored, and for a
+    sharded array where a chunk's bytes sit in its shard."""
 
-    __slots__ = ("dtype", "chunk", "codec", "fill")
+    __slots__ = ("dtype", "chunk", "codec", "fill", "shards")
 
-    def __init__(self, dtype: np.dtype, chunk: tuple[int, ...], codec: str, fill: Optional[np.ndarray]) -> None:
-        self.dtype, self.chunk, self.codec, self.fill = dtype, chunk, codec, fill
+    def __init__(self, dtype: np.dtype, chunk: tuple[int, ...], codec: str, fill: Optional[np.ndarray], shards: Optional[Shards] = None) -> None:
+        self.dtype, self.chunk, self.codec, self.fill, self.shards = dtype, chunk, codec, fill, shards
 
     @property
     def row_bytes(self) -> int:
@@ -97,17 +122,19 @@ def row_format(meta: Any) -> Optional[RowFormat]:
                 return None
             chunk = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
             codecs = list(meta.get("codecs") or [])
-            if codecs and codecs[0].get("name") == "transpose":
-                order = (codecs.pop(0).get("configuration") or {}).get("order")
-                if list(order or []) != list(range(len(chunk))):
+            if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
+                shard, config = chunk, codecs[0].get("configuration") or {}
+                chunk = tuple(int(c) for c in config["chunk_shape"])
+                codecs = list(config.get("codecs") or [])
+                index_codecs = [c.get("name") for c in config.get("index_codecs") or []]
+                endian = ((config.get("index_codecs") or [{}])[0].get("configuration") or {}).get("endian", "little")
+                if (len(chunk) != len(shard) or any(s % c for s, c in zip(shard, chunk)) or endian != "little"
+                        or index_codecs not in (["bytes"], ["bytes", "crc32c"]) or config.get("index_location", "end") not in ("start", "end")):
                     return None
-            if not codecs or codecs[0].get("name") != "bytes" or len(codecs) > 2:
-                return None
-            endian = (codecs[0].get("configuration") or {}).get("endian", "little")
-            dtype = _dtype(meta.get("data_type"))
-            if dtype is not None and dtype.itemsize > 1:
-                dtype = dtype.newbyteorder("<" if endian == "little" else ">")
-            codec = "raw" if len(codecs) == 1 else {"zstd": "zstd", "gzip": "gzip"}.get(codecs[1].get("name"))
+                shards: Optional[Shards] = Shards(tuple(s // c for s, c in zip(shard, chunk)), config.get("index_location", "end") == "end", index_codecs[-1] == "crc32c")
+            else:
+                shards = None
+            dtype, codec = _v3_codecs(codecs, meta.get("data_type"), len(chunk))
         else:
             return None
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -116,7 +143,24 @@ def row_format(meta: Any) -> Optional[RowFormat]:
         return None
     if codec == "zstd" and _zstd() is None:
         return None
-    return RowFormat(dtype, chunk, codec, _fill(meta.get("fill_value"), dtype))
+    return RowFormat(dtype, chunk, codec, _fill(meta.get("fill_value"), dtype), shards if meta.get("zarr_format") == 3 else None)
+
+
+def _v3_codecs(codecs: list, data_type: Any, ndim: int) -> tuple[Optional[np.dtype], Optional[str]]:
+    """The stored dtype and the compression of a zarr v3 codec chain that is C-order bytes,
+    then at most one compressor; (None, None) for anything else."""
+    codecs = list(codecs)
+    if codecs and codecs[0].get("name") == "transpose":
+        order = (codecs.pop(0).get("configuration") or {}).get("order")
+        if list(order or []) != list(range(ndim)):
+            return None, None
+    if not codecs or codecs[0].get("name") != "bytes" or len(codecs) > 2:
+        return None, None
+    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+    dtype = _dtype(data_type)
+    if dtype is not None and dtype.itemsize > 1:
+        dtype = dtype.newbyteorder("<" if endian == "little" else ">")
+    return dtype, "raw" if len(codecs) == 1 else {"zstd": "zstd", "gzip": "gzip"}.get(codecs[1].get("name"))
 
 
 # --------------------------------------------------------------------------------------

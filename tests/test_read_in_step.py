@@ -98,6 +98,44 @@ def test_a_chunk_decoded_from_the_front_is_what_tensorstore_decodes(tmp_path, sm
         rows.close()
 
 
+@pytest.mark.parametrize("index_location", ["end", "start"])
+def test_chunks_of_a_sharded_zarr3_array_decode_from_their_byte_range(tmp_path, small_pieces, index_location):
+    """zarr3 `sharding_indexed` (orbax's zarr3): each chunk is found through its shard's index
+    (at the end or the start), decoded from the front, and a chunk the shard does not store
+    (all fill value, not written) reads as the fill value."""
+    import tensorstore as ts
+
+    from pytest_ckptparity.sources import ChunkLayout
+
+    values = np.random.default_rng(0).standard_normal((24, 3, 10)).astype(np.float32)
+    values[8:16, :, 5:10] = 0.0  # one chunk all fill value: not stored in its shard
+    codecs = [{"name": "sharding_indexed", "configuration": {
+        "chunk_shape": [8, 3, 5], "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 1}}],
+        "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}], "index_location": index_location}}]
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "s")},
+            "metadata": {"shape": [24, 3, 10], "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [16, 3, 10]}},
+                         "data_type": "float32", "codecs": codecs, "fill_value": 0}}
+    ts.open(spec, create=True).result().write(values).result()
+    import json
+
+    fmt = row_format(json.loads((tmp_path / "s" / "zarr.json").read_text()))
+    assert fmt is not None and fmt.chunk == (8, 3, 5) and fmt.shards.per_shard == (2, 1, 2)
+
+    class _Item:  # what `OrbaxCheckpoint._sharded_chunk_rows` uses of a checkpoint
+        item_dir = str(tmp_path)
+        kv = ts.KvStore.open({"driver": "file", "path": str(tmp_path) + "/"}).result()
+
+        def _kvstore(self):
+            return self.kv
+
+    layout = ChunkLayout((16, 3, 10), "", "/", "c")
+    for coords in itertools.product(range(3), range(1), range(2)):
+        rows = OrbaxCheckpoint._sharded_chunk_rows(_Item(), "s", layout, coords, fmt)
+        got = np.concatenate([rows.read(3), rows.read(5)])
+        region = tuple(slice(c * g, min(c * g + g, n)) for c, g, n in zip(coords, fmt.chunk, values.shape))
+        np.testing.assert_array_equal(got[tuple(slice(0, r.stop - r.start) for r in region)], values[region])
+
+
 def test_rows_decode_straight_into_a_batch_and_big_endian_is_swapped(tmp_path):
     values = np.arange(4 * 3, dtype=">f4").reshape(4, 3)
     _, meta = _write_zarr(tmp_path / "be", 2, "zlib", ">f4", values, (4, 3))
@@ -278,3 +316,41 @@ def test_a_budget_too_small_for_batches_reads_slabs(stack_meshes, monkeypatch):
     assert not reads.opened
     (bad,) = [r for r in report.mismatches if r.path.startswith("params/")]
     assert bad.stats.first_indices == ((2, 5, 40),)
+
+
+# budgets under twice the mlp kernels' common block (12 KiB a side between the two zarr3
+# grids, 48 KiB against zarr v2's) that still hold the batches and every open chunk's input
+@pytest.mark.parametrize("a, b, budget", [("a_zarr3", "b_planted_zarr3", 20 << 10), ("a", "b_planted_zarr3", 48 << 10)])
+def test_zarr3_as_maxtext_writes_it_is_read_in_step(stack_meshes, monkeypatch, small_pieces, a, b, budget):
+    """Sharded zarr3 (MaxText's format; here chunks of at most 4 KiB, so the grids are finer),
+    alone or against zarr v2: read in step at a budget that would otherwise need slabs, with
+    the slabs' figures, and the planted element found."""
+    reads = _Reads(monkeypatch)
+    in_step = _run(stack_meshes[a], stack_meshes[b], monkeypatch, budget=budget)
+    assert [p for _, p, _ in reads.opened if list(p) == MLP] and not [p for _, p in reads.tensorstore if list(p) == MLP]
+    slabs = _run(stack_meshes[a], stack_meshes[b], monkeypatch, in_step=False, budget=budget)
+    assert _figures(in_step) == _figures(slabs)
+    (bad,) = [r for r in in_step.mismatches if r.path.startswith("params/")]
+    assert bad.stats.n_mismatch == 1 and bad.stats.first_indices == ((2, 5, 40),)
+
+
+def test_every_chunk_of_maxtexts_own_checkpoints_decodes_as_tensorstore_reads_it(samples):
+    """The sample checkpoints MaxText wrote (zarr3, sharded, zstd; float32 and bfloat16):
+    every stored chunk of every array, decoded from the front, equals tensorstore's read."""
+    checked = 0
+    for name in ("maxtext_nnx_scan", "maxtext_decode_scan"):
+        ckpt = OrbaxCheckpoint(samples[name])
+        for path, info in ckpt.leaves().items():
+            fmt = ckpt.row_format(path)
+            if fmt is None:
+                assert info.dtype == "str" or info.shape == ()  # scalars have no rows
+                continue
+            assert fmt.shards is not None and fmt.codec == "zstd"
+            whole = ckpt.read(path).result()
+            for coords in itertools.product(*(range(-(-n // c)) for n, c in zip(info.shape, fmt.chunk))):
+                rows = ckpt.chunk_rows(path, coords, fmt)
+                got = rows.read(fmt.chunk[0])
+                region = tuple(slice(c * g, min(c * g + g, n)) for c, g, n in zip(coords, fmt.chunk, info.shape))
+                np.testing.assert_array_equal(got[tuple(slice(0, r.stop - r.start) for r in region)], whole[region])
+                checked += 1
+    assert checked > 50
