@@ -28,13 +28,16 @@ Contenders, each in its own process, alternated in one run (`--repeat` rounds):
   values       (--also values) the same comparison with stored bytes off: every chunk decoded
   mallopt      (--also mallopt) the command line with glibc's mmap threshold at 4 MiB instead
   numpy        (--also numpy) the command line with the numpy kernels (CKPTPARITY_NATIVE=0)
+  slabs        (--also slabs) the command line with CKPTPARITY_IN_STEP=0: two chunk grids whose
+               common block is too large read in slabs (chunks decoded more than once), not
+               row by row in step
   pytest       (--also pytest) the plugin (`--ckpt-a/--ckpt-b`), serial and with `-n 2` (each worker
                its share of the cores, and each sized to every core with CKPTPARITY_THREADS)
 
 Reported: median wall time with min-max, median CPU seconds (user + sys of the child and its
 children; less sensitive than wall time to other load on the machine), peak RSS (highest
 ru_maxrss: for xdist, the largest single process), and once per pair the chunk decodes per
-chunk compared, counted by tensorstore: with values only (above 1 when slabs cut chunks: the
+chunk compared, counted by tensorstore plus the chunks read in step: with values only (above 1 when slabs cut chunks: the
 extra decode factor) and with stored bytes first (below 1 when chunks are settled by bytes).
 Figures go in docs/performance.md.
 """
@@ -152,7 +155,11 @@ def decodes():
     return sum(v["value"] for x in m for v in x["values"])
 from pytest_ckptparity.api import Comparison
 from pytest_ckptparity.diff import CompareOptions, scoped_paths
+from pytest_ckptparity.sources import OrbaxCheckpoint
 import math
+opened = [0]  # chunks decoded from the front (read in step): not tensorstore's reads
+chunk_rows = OrbaxCheckpoint.chunk_rows
+OrbaxCheckpoint.chunk_rows = lambda *args: opened.__setitem__(0, opened[0] + 1) or chunk_rows(*args)
 out = []
 for stored_bytes in (False, True):
     c = Comparison(sys.argv[1], sys.argv[2], options=CompareOptions(dtype_policy=sys.argv[3], stored_bytes=stored_bytes))
@@ -165,9 +172,9 @@ for stored_bytes in (False, True):
                 i = info[raw]
                 if i.dtype != "str":
                     stored += math.prod(math.ceil(d / c) for d, c in zip(i.shape, i.chunk_shape or i.shape))
-    before = decodes()
+    before = decodes() + opened[0]
     assert c.run().passed
-    out.append(decodes() - before)
+    out.append(decodes() + opened[0] - before)
 print(out[0], out[1], stored)
 '''
 
@@ -243,7 +250,7 @@ def summary(runs: list[tuple[float, float, float, int]]) -> dict:
             "cpu": statistics.median(r[1] for r in runs), "rss": max(r[2] for r in runs), "runs": walls}
 
 
-ENV_ARGS = ("FLOOR_MALLOC=", "CKPTPARITY_NATIVE=", "CKPTPARITY_THREADS=")  # contender arguments that are environment variables
+ENV_ARGS = ("FLOOR_MALLOC=", "CKPTPARITY_NATIVE=", "CKPTPARITY_THREADS=", "CKPTPARITY_IN_STEP=")  # contender arguments that are environment variables
 
 
 def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dict:
@@ -265,6 +272,8 @@ def bench(a: str, b: str, extra: list[str], repeat: int, more: list[str]) -> dic
         contenders["pytest-n2"] = pytest + ["-n", "2"]
         # each worker sized to every core, as before workers shared them (CKPTPARITY_THREADS)
         contenders["pytest-n2-all-cores"] = pytest + ["-n", "2", f"CKPTPARITY_THREADS={len(os.sched_getaffinity(0))}"]
+    if "slabs" in more:  # two chunk grids read in slabs, as before rows were read in step
+        contenders["slabs"] = contenders["ckptparity"] + ["CKPTPARITY_IN_STEP=0"]
     if "numpy" in more:  # the command with the numpy kernels instead of the native (C) ones
         contenders["numpy"] = contenders["ckptparity"] + ["CKPTPARITY_NATIVE=0"]
     if "mallopt" in more:
@@ -307,10 +316,11 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0, help="also run each variant this many times larger")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--repeat", type=int, default=5, help="rounds; in each, every contender runs once")
-    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest", "floor-malloc", "no-floor-malloc", "numpy"),
+    p.add_argument("--also", nargs="*", default=[], choices=("values", "mallopt", "pytest", "floor-malloc", "no-floor-malloc", "numpy", "slabs"),
                    help="more contenders: 'values' (stored bytes off: every chunk decoded), 'mallopt' (the CLI with a "
                         "4 MiB mmap threshold), 'pytest' (the plugin serial and with -n 2); 'no-floor-malloc' drops the "
-                        "floor with the command's malloc settings (run by default); 'numpy' (the CLI with CKPTPARITY_NATIVE=0)")
+                        "floor with the command's malloc settings (run by default); 'numpy' (the CLI with CKPTPARITY_NATIVE=0); "
+                        "'slabs' (the CLI with CKPTPARITY_IN_STEP=0: mismatched chunk grids in slabs, not rows in step)")
     p.add_argument("--dir", default="/tmp/ckptbench-sharded", help="where pairs are written (reused when present)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()

@@ -51,9 +51,23 @@ def _turned_off() -> bool:
     return False
 
 
+def in_step_turned_off() -> bool:
+    """CKPTPARITY_IN_STEP=0: mismatched chunk grids are read in slabs through tensorstore,
+    not decoded row by row in step with libzstd (`read_in_step`)."""
+    value = os.environ.get("CKPTPARITY_IN_STEP", "").strip().lower()
+    if value in _OFF:
+        return True
+    if value not in _ON:
+        from pytest_ckptparity.errors import CkptParityUsageError
+
+        raise CkptParityUsageError(f"CKPTPARITY_IN_STEP must be 1 (read mismatched chunk grids row by row in step) or 0 (in slabs), got {value!r}.")
+    return False
+
+
 def check_environment() -> None:
-    """Raise the usage error for a CKPTPARITY_NATIVE that is neither on nor off."""
+    """Raise the usage error for a CKPTPARITY_NATIVE or CKPTPARITY_IN_STEP that is neither on nor off."""
     _turned_off()
+    in_step_turned_off()
 
 
 def _stale(path: Path, sources: Path = Path(__file__).parent / "native") -> bool:

@@ -26,11 +26,19 @@ PROGRESS_MIN_BYTES = 512 << 20  # a progress bar only for comparisons that read 
 MORE_HINT = "use -vv or --max-rows 0 to see all"
 
 
+class _Version(argparse._VersionAction):
+    """`--version` on one line, however wide the terminal (argparse's own wraps it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Optional[str] = None) -> None:
+        print(self.version)
+        parser.exit()
+
+
 def _compare_parser() -> argparse.ArgumentParser:
-    from pytest_ckptparity import __version__, _native
+    from pytest_ckptparity import __version__, _native, zarr_rows
 
     p = argparse.ArgumentParser(prog="ckptparity", description="Assert parity between two model checkpoints. Also: 'ckptparity compare A B' (the same), 'inspect PATH', 'demo', 'fingerprint CKPT -o FILE.json'. B may be a fingerprint file.")
-    p.add_argument("--version", action="version", version=f"ckptparity {__version__} ({_native.status()})")
+    p.add_argument("--version", action=_Version, version=f"ckptparity {__version__} ({_native.status()}; {zarr_rows.status()})")
     p.add_argument("a", help="checkpoint A (orbax manager root, step, item or bare folder)")
     p.add_argument("b", help="checkpoint B, the reference: |a-b| <= atol + rtol*|b|")
     p.add_argument("--atol", type=float, help="absolute tolerance (default: per dtype)")
@@ -399,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         from pytest_ckptparity import _native, _threads
 
-        _native.check_environment()  # a misspelt CKPTPARITY_NATIVE or CKPTPARITY_THREADS: one sentence, before any read
+        _native.check_environment()  # a misspelt CKPTPARITY_NATIVE, CKPTPARITY_IN_STEP or CKPTPARITY_THREADS: one sentence, before any read
         _threads.process_threads()
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

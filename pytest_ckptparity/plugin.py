@@ -116,7 +116,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _check_environment() -> None:
-    """CKPTPARITY_NATIVE and CKPTPARITY_THREADS, before any test runs: a misspelt value is
+    """CKPTPARITY_NATIVE, CKPTPARITY_IN_STEP and CKPTPARITY_THREADS, before any test runs: a misspelt value is
     one sentence, not a failure in whichever test first touches a checkpoint."""
     from pytest_ckptparity import _native, _threads
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
@@ -34,6 +33,7 @@ from pytest_ckptparity._model import VALUES, LeafResult, Tolerance
 from pytest_ckptparity.kernel import (
     _Accumulator, _itemsize, _kind, _np_dtype, compare_block, compare_stored_block,
 )
+from pytest_ckptparity._native import in_step_turned_off
 from pytest_ckptparity._threads import process_threads
 from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
 from pytest_ckptparity.read_in_step import InStepPlan, compare_in_step, plan_in_step
@@ -112,7 +112,7 @@ def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent:
     both sides one array as stored, chunks that decode from the front, and batches that
     fit the budget. Where blocks decode each chunk once they stay: tensorstore reads them
     with fewer copies than stored bytes handed to Python."""
-    if not job.as_stored or job.stored is not None or os.environ.get("CKPTPARITY_IN_STEP", "").strip() == "0":
+    if not job.as_stored or job.stored is not None or in_step_turned_off():
         return None
     itemsize = max(_itemsize(job.la.dtype), _itemsize(job.lb.dtype))
     _, decodes, stored = _plan_blocks(extent, job.la, job.lb, itemsize, read_budget)

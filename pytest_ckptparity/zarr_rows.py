@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from pytest_ckptparity._native import in_step_turned_off
+
 INPUT_PIECE = 2 << 20  # stored bytes read at once, a chunk (one more is read ahead)
 
 
@@ -200,6 +202,13 @@ def _zstd() -> Any:
                 lib = None
         _ZSTD.append(lib)
     return _ZSTD[0]
+
+
+def status() -> str:
+    """A short line for `ckptparity --version`: whether zstd chunks can be read in step."""
+    if in_step_turned_off():
+        return "rows in step: off (CKPTPARITY_IN_STEP=0)"
+    return "rows in step: yes" if _zstd() is not None else "rows in step: not for zstd chunks (libzstd not found)"
 
 
 def zstd_window(header: bytes) -> Optional[int]:

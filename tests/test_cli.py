@@ -31,7 +31,7 @@ def sixty_differ(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 def test_version_alias_and_python_m(samples):
     version = cli("--version")
-    assert version.returncode == 0 and version.stdout.strip() == f"ckptparity {__version__} (native kernels: yes)"
+    assert version.returncode == 0 and version.stdout.strip() == f"ckptparity {__version__} (native kernels: yes; rows in step: yes)"
     plain = cli(samples["maxtext_decode_scan"], samples["maxtext_decode_unroll"], "--color", "no")
     alias = cli("compare", samples["maxtext_decode_scan"], samples["maxtext_decode_unroll"], "--color", "no", module="pytest_ckptparity.cli")
     assert plain.returncode == alias.returncode == 0

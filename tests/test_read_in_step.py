@@ -354,3 +354,25 @@ def test_every_chunk_of_maxtexts_own_checkpoints_decodes_as_tensorstore_reads_it
                 np.testing.assert_array_equal(got[tuple(slice(0, r.stop - r.start) for r in region)], whole[region])
                 checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize("value, expected", [("0", "rows in step: off (CKPTPARITY_IN_STEP=0)"), ("", "rows in step: yes")])
+def test_the_command_says_whether_rows_are_read_in_step(value, expected):
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", "--version"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CKPTPARITY_IN_STEP": value})
+    assert run.returncode == 0 and run.stdout.strip().endswith(f"; {expected})")
+
+
+def test_a_misspelt_in_step_switch_is_one_sentence(stack_meshes):
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", stack_meshes["a"], stack_meshes["b"]], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "CKPTPARITY_IN_STEP": "slabs"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == "ckptparity: error: CKPTPARITY_IN_STEP must be 1 (read mismatched chunk grids row by row in step) or 0 (in slabs), got 'slabs'."

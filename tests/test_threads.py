@@ -71,6 +71,7 @@ def test_each_xdist_worker_takes_its_share(pytester):
 @pytest.mark.parametrize("name,value,message", [
     ("CKPTPARITY_THREADS", "lots", "ERROR: CKPTPARITY_THREADS must be a positive whole number of threads, got 'lots'; unset it to use every core."),
     ("CKPTPARITY_NATIVE", "maybe", "ERROR: CKPTPARITY_NATIVE must be 1 (use the C kernels when built) or 0 (numpy kernels), got 'maybe'."),
+    ("CKPTPARITY_IN_STEP", "slab", "ERROR: CKPTPARITY_IN_STEP must be 1 (read mismatched chunk grids row by row in step) or 0 (in slabs), got 'slab'."),
 ])
 def test_a_misspelt_environment_stops_pytest_before_any_test(pytester, monkeypatch, name, value, message):
     pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
