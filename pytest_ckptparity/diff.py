@@ -243,11 +243,11 @@ def diff_views(
         if layer_range is not None:
             extent[0] = slice(*layer_range)
         itemsize = max(_itemsize(la.dtype), _itemsize(lb.dtype))
-        blocks, _, _ = _plan_blocks(extent, la, lb, itemsize, opts.read_budget)
+        blocks, decodes, stored = _plan_blocks(extent, la, lb, itemsize, opts.read_budget)
         job = _Job(path, la, lb, tol, cast_to, layer_range, notes, blocks)
         job.stored = _stored_pair(va, vb, job, opts)
         job.as_stored = _read_as_stored(la, lb)
-        job.in_step = plan_leaf_in_step(va, vb, job, extent, opts.read_budget)
+        job.in_step = plan_leaf_in_step(va, vb, job, extent, opts.read_budget, slabs=decodes > stored)
         jobs.append((pos, job))
 
     for pos, result in _run_jobs(va, vb, jobs, opts):

@@ -105,18 +105,14 @@ def _canonical_block(leaf: LogicalLeaf, stored: tuple[slice, ...]) -> tuple[slic
     return (stored[axis],) + stored[:axis] + stored[axis + 1:]
 
 
-def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent: Sequence[slice], read_budget: int) -> Optional[InStepPlan]:
-    """Whether a leaf that blocks would read in slabs (two chunk grids whose common block
-    does not fit in the budget, so slabs decode chunks more than once) is read row by row
+def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent: Sequence[slice], read_budget: int, slabs: bool) -> Optional[InStepPlan]:
+    """Whether a leaf that blocks would read in slabs (`slabs`: two chunk grids whose common
+    block does not fit in the budget, so slabs decode chunks more than once) is read row by row
     in step instead (`read_in_step`): each chunk decoded once, a few batches held. It needs
     both sides one array as stored, chunks that decode from the front, and batches that
     fit the budget. Where blocks decode each chunk once they stay: tensorstore reads them
     with fewer copies than stored bytes handed to Python."""
-    if not job.as_stored or job.stored is not None or in_step_turned_off():
-        return None
-    itemsize = max(_itemsize(job.la.dtype), _itemsize(job.lb.dtype))
-    _, decodes, stored = _plan_blocks(extent, job.la, job.lb, itemsize, read_budget)
-    if decodes <= stored:
+    if not slabs or not job.as_stored or job.stored is not None or in_step_turned_off():
         return None
     formats = []
     for view, leaf in ((va, job.la), (vb, job.lb)):

@@ -388,7 +388,10 @@ class ChunkRows:
         self._input = self._ahead = self._inflate = None
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone already
+            pass
 
 
 class _Done:
