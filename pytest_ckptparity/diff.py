@@ -247,7 +247,7 @@ def diff_views(
         job = _Job(path, la, lb, tol, cast_to, layer_range, notes, blocks)
         job.stored = _stored_pair(va, vb, job, opts)
         job.as_stored = _read_as_stored(la, lb)
-        job.in_step = plan_leaf_in_step(va, vb, job, extent, opts.read_budget, slabs=decodes > stored)
+        job.in_step = plan_leaf_in_step(va, vb, job, extent, opts.read_budget, decodes, stored)
         jobs.append((pos, job))
 
     for pos, result in _run_jobs(va, vb, jobs, opts):

@@ -105,14 +105,18 @@ def _canonical_block(leaf: LogicalLeaf, stored: tuple[slice, ...]) -> tuple[slic
     return (stored[axis],) + stored[:axis] + stored[axis + 1:]
 
 
-def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent: Sequence[slice], read_budget: int, slabs: bool) -> Optional[InStepPlan]:
-    """Whether a leaf that blocks would read in slabs (`slabs`: two chunk grids whose common
-    block does not fit in the budget, so slabs decode chunks more than once) is read row by row
-    in step instead (`read_in_step`): each chunk decoded once, a few batches held. It needs
-    both sides one array as stored, chunks that decode from the front, and batches that
-    fit the budget. Where blocks decode each chunk once they stay: tensorstore reads them
-    with fewer copies than stored bytes handed to Python."""
-    if not slabs or not job.as_stored or job.stored is not None or in_step_turned_off():
+def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent: Sequence[slice], read_budget: int, decodes: int, stored: int) -> Optional[InStepPlan]:
+    """Whether a leaf that blocks cannot read within the budget is read row by row in step
+    instead (`read_in_step`): each chunk decoded once, a few batches held. That is a leaf
+    whose blocks are slabs (`decodes` > `stored`: two chunk grids whose common block does
+    not fit, so slabs decode chunks more than once), or whose blocks of whole chunks would
+    each hold more than the budget (chunks larger than it: an array written from one
+    device is one chunk). It needs both sides one array as stored, chunks that decode from
+    the front, and batches that fit the budget. Where blocks fit, they stay: tensorstore
+    reads them with fewer copies than stored bytes handed to Python."""
+    if not job.as_stored or job.stored is not None or in_step_turned_off():
+        return None
+    if decodes <= stored and max((held_by_read(job.la, b) + held_by_read(job.lb, b) for b in job.blocks), default=0) <= read_budget:
         return None
     formats = []
     for view, leaf in ((va, job.la), (vb, job.lb)):

@@ -376,3 +376,27 @@ def test_a_misspelt_in_step_switch_is_one_sentence(stack_meshes):
                          timeout=300, env={**os.environ, "CKPTPARITY_IN_STEP": "slabs"})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip() == "ckptparity: error: CKPTPARITY_IN_STEP must be 1 (read mismatched chunk grids row by row in step) or 0 (in slabs), got 'slabs'."
+
+
+def test_a_chunk_larger_than_the_budget_is_read_in_step(tmp_path, monkeypatch, small_pieces):
+    """An array written from one device is one chunk: read whole, it would hold the chunk
+    three times a side (stored bytes, decoded chunk, copy). When that is more than the
+    budget, it is read in step too (zarr v2 against zarr3 here, so no stored bytes to
+    compare first), with the figures tensorstore's reading gives."""
+    from pytest_ckptparity import examples as ex
+
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    planted = w.copy()
+    planted[37, 5] += 0.5
+    a = ex.save(tmp_path / "a", {"params": {"w": w}}, step=0)
+    b = ex.save(tmp_path / "b", {"params": {"w": planted}}, step=0, zarr3=True)
+    reads = _Reads(monkeypatch)
+    in_step = _run(a, b, monkeypatch, budget=20 << 10)  # one chunk a side read whole: 72 KiB
+    assert sorted(side for side, _, _ in reads.opened) == ["A", "B"] and not reads.tensorstore
+    whole = _run(a, b, monkeypatch, in_step=False, budget=20 << 10)
+    assert _figures(in_step) == _figures(whole)
+    (bad,) = in_step.mismatches
+    assert bad.stats.n_mismatch == 1 and bad.stats.first_indices == ((37, 5),) and bad.stats.max_abs == pytest.approx(0.5)
+    reads.opened.clear()
+    assert _run(a, b, monkeypatch).mismatches  # the default budget holds it: read whole, as before
+    assert not reads.opened
