@@ -177,7 +177,6 @@ class _Buffer(ctypes.Structure):
 
 
 _ZSTD: list = []  # [library or None], looked up once
-_ZSTD_D_WINDOW_LOG_MAX = 100  # ZSTD_d_windowLogMax
 
 
 def _zstd() -> Any:
@@ -189,8 +188,6 @@ def _zstd() -> Any:
                 lib = ctypes.CDLL(candidate)
                 lib.ZSTD_createDCtx.restype = ctypes.c_void_p
                 lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
-                lib.ZSTD_DCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-                lib.ZSTD_DCtx_setParameter.restype = ctypes.c_size_t
                 lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]
                 lib.ZSTD_decompressStream.restype = ctypes.c_size_t
                 lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
@@ -209,23 +206,6 @@ def status() -> str:
     if in_step_turned_off():
         return "rows in step: off (CKPTPARITY_IN_STEP=0)"
     return "rows in step: yes" if _zstd() is not None else "rows in step: not for zstd chunks (libzstd not found)"
-
-
-def zstd_window(header: bytes) -> Optional[int]:
-    """The window a zstd frame's decoder holds, from the frame header (RFC 8878 3.1.1.1);
-    None when `header` does not start a zstd frame."""
-    if len(header) < 6 or int.from_bytes(header[:4], "little") != 0xFD2FB528:
-        return None
-    fhd = header[4]
-    if not fhd & 0x20:  # a window descriptor follows
-        exponent, mantissa = header[5] >> 3, header[5] & 7
-        base = 1 << (10 + exponent)
-        return base + (base >> 3) * mantissa
-    pos = 5 + (0, 1, 2, 4)[fhd & 3]  # single segment: the window is the content size
-    size = (1, 2, 4, 8)[fhd >> 6]
-    if len(header) < pos + size:
-        return None
-    return int.from_bytes(header[pos:pos + size], "little") + (256 if size == 2 else 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -333,7 +313,8 @@ class ChunkRows:
             self._dctx = lib.ZSTD_createDCtx()
             if not self._dctx:
                 raise NotStreamable(f"{self.what}: no zstd decoder")
-            lib.ZSTD_DCtx_setParameter(self._dctx, _ZSTD_D_WINDOW_LOG_MAX, 31)  # any window a writer chose
+            # zstd's default window limit (128 MiB) stays: a frame asking for more (a damaged
+            # or hostile header) fails here and goes to tensorstore, which refuses it too
         if not self._first_input(out):
             return
         dst = _Buffer(out.ctypes.data, out.nbytes, 0)

@@ -17,7 +17,7 @@ from pytest_ckptparity import read_in_step
 from pytest_ckptparity import zarr_rows
 from pytest_ckptparity.diff import CompareOptions
 from pytest_ckptparity.sources import OrbaxCheckpoint, Pending
-from pytest_ckptparity.zarr_rows import ChunkRows, NotStreamable, RowFormat, row_format, zstd_window
+from pytest_ckptparity.zarr_rows import ChunkRows, NotStreamable, RowFormat, row_format
 
 # The stacked mlp kernels' common block (both grids' whole chunks) is 48 KiB a side: this
 # budget cannot hold it twice, so blocks would be slabs, and the leaf is read in step.
@@ -171,13 +171,6 @@ def test_an_identity_transpose_still_decodes_from_the_front():
             "codecs": [{"name": "transpose", "configuration": {"order": [0, 1]}}, {"name": "bytes", "configuration": {"endian": "big"}}], "fill_value": "NaN"}
     fmt = row_format(meta)
     assert fmt is not None and fmt.codec == "raw" and fmt.dtype == np.dtype(">f4") and np.isnan(fmt.fill)
-
-
-def test_the_zstd_window_is_read_from_the_frame_header():
-    assert zstd_window(bytes([0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x48])) == 1 << 19  # exponent 9: 512 KiB
-    assert zstd_window(bytes([0x28, 0xB5, 0x2F, 0xFD, 0x00, 0x4A])) == (1 << 19) + 2 * (1 << 16)  # mantissa 2
-    assert zstd_window(bytes([0x28, 0xB5, 0x2F, 0xFD, 0x20, 0x10])) == 0x10  # single segment: the content size
-    assert zstd_window(b"not a zstd frame") is None
 
 
 @pytest.mark.parametrize("stored", [b"", b"\x28\xb5\x2f\xfd garbage that is no frame", None])
