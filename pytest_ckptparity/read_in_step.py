@@ -31,7 +31,7 @@ from pytest_ckptparity.zarr_rows import INPUT_PIECE, ChunkRows, RowFormat
 BATCH_BYTES = 8 << 20  # rows decoded at once, a side: about this many bytes
 BATCHES_AHEAD = 2  # batches decoding while one is compared
 MAX_OPEN_CHUNKS = 64  # chunks of one side open at once (one region's); beyond, not read in step
-WINDOW_GUESS = 2 << 20  # a zstd window counted per open chunk (level 1 writes 512 KiB)
+WINDOW_GUESS = (9 << 20) + (1 << 19)  # a zstd decoder counted per open chunk: the largest window it takes (8 MiB), its buffers
 
 Region = tuple[slice, ...]
 
@@ -112,8 +112,8 @@ class _Lane:
     """One side's chunks along one trailing position of a region, read down the rows: a
     chunk at a time (each opened when the rows reach it), one batch after the other."""
 
-    def __init__(self, open_rows: Callable[[tuple[int, ...]], ChunkRows], grid: Sequence[int], region: Region, trailing: tuple[int, ...], side: int) -> None:
-        self.open_rows, self.grid, self.trailing, self.side = open_rows, tuple(grid), trailing, side
+    def __init__(self, open_rows: Callable[[tuple[int, ...]], ChunkRows], grid: Sequence[int], region: Region, trailing: tuple[int, ...], side: int, rows_end: int) -> None:
+        self.open_rows, self.grid, self.trailing, self.side, self.rows_end = open_rows, tuple(grid), trailing, side, rows_end
         src, dst = [], []
         for s, c, g in zip(region, trailing, self.grid[1:]):
             a, b = max(s.start, c * g), min(s.stop, (c + 1) * g)
@@ -130,7 +130,7 @@ class _Lane:
     def decode(self, lo: int, hi: int, out: np.ndarray) -> None:
         """Rows [lo, hi) of this lane's chunk, into its part of `out` (the side's batch)."""
         g0 = self.grid[0]
-        if lo // g0 != self.row_chunk:
+        if lo // g0 != self.row_chunk or self.stream is None:
             self.close()
             self.row_chunk = lo // g0
             self.stream = self.open_rows((self.row_chunk, *self.trailing))
@@ -144,6 +144,9 @@ class _Lane:
         else:
             rows = stream.read(hi - lo)
             out[self.dst] = rows[self.src]
+        if hi == min((self.row_chunk + 1) * g0, self.rows_end):  # the last rows wanted of this chunk
+            stream.finish()  # its stored stream must end with it, as tensorstore checks
+            self.close()
 
     def close(self) -> None:
         if self.stream is not None:
@@ -173,7 +176,7 @@ class _Region:
 
     def __init__(self, plan: InStepPlan, region: Region, opens: tuple, dtypes: tuple, pool: ThreadPoolExecutor) -> None:
         self.region, self.dtypes, self.pool = region, dtypes, pool
-        self.lanes = [_Lane(opens[side], grid, region, t, side)
+        self.lanes = [_Lane(opens[side], grid, region, t, side, plan.extent[0].stop)
                       for side, grid in enumerate((plan.grid_a, plan.grid_b)) for t in _chunks_over(region, grid)]
         self.batches = _row_batches(plan.extent[0], plan.grid_a[0], plan.grid_b[0], plan.batch_rows)
         self.shape = tuple(s.stop - s.start for s in region)

@@ -37,7 +37,6 @@ from pytest_ckptparity._native import in_step_turned_off
 from pytest_ckptparity._threads import process_threads
 from pytest_ckptparity.normalize import LogicalLeaf, NormalizedView
 from pytest_ckptparity.read_in_step import InStepPlan, compare_in_step, plan_in_step
-from pytest_ckptparity.zarr_rows import NotStreamable
 
 if TYPE_CHECKING:  # the options are the verdict module's; only their fields are read here
     from pytest_ckptparity.diff import CompareOptions
@@ -148,7 +147,7 @@ def _read_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, opts: Compa
             lambda coords: vb.checkpoint.chunk_rows(lb.storage.raw, coords, plan.fmt_b),
             compare, process_threads(),
         )
-    except NotStreamable:
+    except Exception:  # noqa: BLE001 - NotStreamable, or anything else decoding in step: tensorstore reads it, and says what is wrong
         job.acc = _Accumulator()
         job.in_step = None
         for block in job.blocks:
@@ -462,7 +461,9 @@ def _run_jobs(va: NormalizedView, vb: NormalizedView, jobs: list[tuple[int, _Job
     """
     for _, job in jobs:
         _plan_slab_depth(job, opts.read_budget)
-    work = [(pos, job, i, _block_bytes(job, job.blocks[i])) if job.in_step is None else (pos, job, len(job.blocks) - 1, job.in_step.held)
+    # a leaf read in step counts what its fallback (blocks, one at a time) may hold, too
+    work = [(pos, job, i, _block_bytes(job, job.blocks[i])) if job.in_step is None
+            else (pos, job, len(job.blocks) - 1, max(job.in_step.held, *(_block_bytes(job, b) for b in job.blocks)))
             for pos, job in jobs for i in (range(len(job.blocks)) if job.in_step is None else [0])]
     inflight: deque = deque()
     held = 0

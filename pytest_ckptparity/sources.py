@@ -470,6 +470,13 @@ class OrbaxCheckpoint(Checkpoint):
             self._kv = ts.KvStore.open(spec, context=context).result()
         return self._kv
 
+    def _layout(self, path: KeyPath) -> Optional[ChunkLayout]:
+        """`chunk_layout`, worked out once per leaf (a leaf read in step opens many chunks)."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        if path not in cache:
+            cache[path] = self.chunk_layout(path)
+        return cache[path]
+
     def chunk_layout(self, path: KeyPath) -> Optional[ChunkLayout]:
         """How a leaf is stored: its chunk grid and the rest of its zarr metadata (dtype,
         shape, codecs, fill value, key encoding). Two arrays with equal layouts encode equal
@@ -512,7 +519,7 @@ class OrbaxCheckpoint(Checkpoint):
     def chunk_rows(self, path: KeyPath, coords: tuple[int, ...], fmt: RowFormat) -> ChunkRows:
         """The rows of one stored chunk, decoded from the front as they are asked for."""
         param = ".".join(path)
-        layout = self.chunk_layout(path)
+        layout = self._layout(path)
         if layout is None:
             raise NotStreamable(f"array '{param}': its chunk keys are not known")
         kv = self._kvstore()
@@ -521,7 +528,10 @@ class OrbaxCheckpoint(Checkpoint):
         key = layout.key(param, coords)
 
         def fetch(start: int, stop: Optional[int]) -> Pending:
-            fut = kv.read(key, byte_range=slice(start, stop))
+            try:
+                fut = kv.read(key, byte_range=slice(start, stop))
+            except Exception as e:  # noqa: BLE001 - tensorstore's read of the leaf will say what is wrong
+                raise NotStreamable(f"chunk '{key}': {_short(e)}") from None
 
             def get() -> Optional[bytes]:
                 try:
@@ -546,27 +556,40 @@ class OrbaxCheckpoint(Checkpoint):
         shard, inner = shards.locate(coords)
         key = layout.key(param, shard)
         what = f"chunk {inner} of shard '{key}' of '{self.item_dir}'"
-        try:
-            r = kv.read(key, byte_range=slice(-shards.index_bytes, None) if shards.index_at_end else slice(0, shards.index_bytes)).result()
-        except Exception as e:  # noqa: BLE001 - tensorstore's read of the leaf will say what is wrong
-            raise NotStreamable(f"{what}: {_short(e)}") from None
+        indexes = self.__dict__.setdefault("_shard_indexes", {})
+        if key not in indexes:
+            if len(indexes) >= 4096:  # a few shards' worth, for the chunks of one region
+                indexes.clear()
+            try:
+                indexes[key] = kv.read(key, byte_range=slice(-shards.index_bytes, None) if shards.index_at_end else slice(0, shards.index_bytes)).result()
+            except Exception as e:  # noqa: BLE001 - tensorstore's read of the leaf will say what is wrong
+                raise NotStreamable(f"{what}: {_short(e)}") from None
+        r = indexes[key]
         if r.state != "value":
             return ChunkRows(fmt, lambda start, stop: Pending(lambda: None, 0), what)  # no shard: the fill value
         offset, length = (int(x) for x in shards.index(bytes(r.value))[inner])
         if offset == length == MISSING:
             return ChunkRows(fmt, lambda start, stop: Pending(lambda: None, 0), what)
+        if offset >= 1 << 62 or length >= 1 << 62:  # a damaged index (one half of MISSING, or past any shard)
+            raise NotStreamable(f"{what}: its shard index entry ({offset}, {length}) is not a byte range")
 
         def fetch(start: int, stop: Optional[int]) -> Pending:
             stop = length if stop is None else min(stop, length)
             if start >= stop:
                 return Pending(lambda: b"", 0)
-            fut = kv.read(key, byte_range=slice(offset + start, offset + stop))
+            try:
+                fut = kv.read(key, byte_range=slice(offset + start, offset + stop))
+            except Exception as e:  # noqa: BLE001 - tensorstore's read of the leaf will say what is wrong
+                raise NotStreamable(f"{what}: {_short(e)}") from None
 
             def get() -> bytes:
                 try:
-                    return bytes(fut.result().value)
+                    value = fut.result().value
                 except Exception as e:  # noqa: BLE001
                     raise NotStreamable(f"{what}: {_short(e)}") from None
+                if len(value) != stop - start:  # the index points past the shard's end
+                    raise NotStreamable(f"{what}: {len(value)} stored bytes where its shard index says {stop - start}")
+                return bytes(value)
 
             return Pending(get, 0)
 

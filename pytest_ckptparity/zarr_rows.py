@@ -10,9 +10,13 @@ gzip) or not at all, can instead be decompressed from the front: its rows along 
 stored axis come out in order, and only the rows asked for, a piece of the stored bytes and
 the decompressor's window are held. `read_in_step` reads two chunk grids that way.
 
-Anything else (blosc, sharding, checksums, filters, a transposed order, a chunk missing
-without a fill value) is not streamed: `row_format` gives None, or `ChunkRows` raises
-`NotStreamable`, and the caller reads through tensorstore, which also names damaged data.
+zarr v3 `sharding_indexed` (orbax's and MaxText's zarr3) is read too: a chunk's bytes are
+the byte range its shard's index gives. Anything else (blosc, checksums, filters, a
+transposed order, a chunk missing without a fill value) is not streamed: `row_format`
+gives None, or `ChunkRows` raises `NotStreamable`, and the caller reads through tensorstore.
+So does damage: a stream that ends early, runs past the chunk or has bytes after it (a
+chunk read to its end is checked, `ChunkRows.finish`), a bad shard index; tensorstore then
+names it.
 zstd is libzstd through ctypes (the decompression runs without the GIL); where libzstd is
 not installed, zstd chunks are not streamed.
 """
@@ -177,6 +181,8 @@ class _Buffer(ctypes.Structure):
 
 
 _ZSTD: list = []  # [library or None], looked up once
+_ZSTD_D_WINDOW_LOG_MAX = 100  # ZSTD_d_windowLogMax
+ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB windows at most: zstd levels up to 18 write no more
 
 
 def _zstd() -> Any:
@@ -188,6 +194,8 @@ def _zstd() -> Any:
                 lib = ctypes.CDLL(candidate)
                 lib.ZSTD_createDCtx.restype = ctypes.c_void_p
                 lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+                lib.ZSTD_DCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                lib.ZSTD_DCtx_setParameter.restype = ctypes.c_size_t
                 lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]
                 lib.ZSTD_decompressStream.restype = ctypes.c_size_t
                 lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
@@ -233,19 +241,24 @@ class ChunkRows:
         self._inflate: Any = None
         self._missing = False
         self._started = False
+        self._frame_done = False  # zstd: the frame ended (it must end with the chunk)
         if fmt.codec != "raw":
             self._ahead = self._next_piece()
 
     def _next_piece(self) -> Any:
         start = self._offset
+        if start == 0 and math.prod(self.fmt.chunk) * self.fmt.dtype.itemsize < INPUT_PIECE // 2:
+            self._offset = INPUT_PIECE  # a small chunk: its whole value at once (no ranged read past its end)
+            return _Whole(self.fetch(0, None))
         self._offset += INPUT_PIECE
         return self.fetch(start, start + INPUT_PIECE)
 
     def _take_piece(self) -> Optional[bytes]:
-        piece = self._ahead.result()
+        ahead = self._ahead
+        piece = ahead.result()
         if piece is None or len(piece) == 0:
             return piece
-        self._ahead = self._next_piece() if len(piece) == INPUT_PIECE else _Done()
+        self._ahead = self._next_piece() if len(piece) == INPUT_PIECE and not isinstance(ahead, _Whole) else _Done()
         return piece
 
     def read(self, k: int) -> np.ndarray:
@@ -265,6 +278,8 @@ class ChunkRows:
     def _decode(self, out: np.ndarray) -> None:
         fmt = self.fmt
         k = len(out)
+        if not out.flags.c_contiguous:
+            raise ValueError(f"{self.what}: rows are decoded into C-contiguous arrays only")
         if self.rows_done + k > fmt.chunk[0]:
             raise ValueError(f"{self.what}: {k} rows asked past the chunk's {fmt.chunk[0]}")
         if k <= 0:
@@ -313,10 +328,13 @@ class ChunkRows:
             self._dctx = lib.ZSTD_createDCtx()
             if not self._dctx:
                 raise NotStreamable(f"{self.what}: no zstd decoder")
-            # zstd's default window limit (128 MiB) stays: a frame asking for more (a damaged
-            # or hostile header) fails here and goes to tensorstore, which refuses it too
+            # a frame asking for a larger window than `read_in_step` counts (level 19 and up, a
+            # damaged or hostile header) fails here and goes to tensorstore
+            lib.ZSTD_DCtx_setParameter(self._dctx, _ZSTD_D_WINDOW_LOG_MAX, ZSTD_WINDOW_LOG_MAX)
         if not self._first_input(out):
             return
+        if self._frame_done:
+            raise NotStreamable(f"{self.what}: the zstd frame ends before the chunk does")
         dst = _Buffer(out.ctypes.data, out.nbytes, 0)
         while dst.pos < dst.size:
             if self._in.pos == self._in.size:
@@ -327,6 +345,10 @@ class ChunkRows:
             ret = lib.ZSTD_decompressStream(self._dctx, ctypes.byref(dst), ctypes.byref(self._in))
             if lib.ZSTD_isError(ret):
                 raise NotStreamable(f"{self.what}: {lib.ZSTD_getErrorName(ret).decode(errors='replace')}")
+            if ret == 0:
+                if dst.pos < dst.size:
+                    raise NotStreamable(f"{self.what}: the zstd frame ends before the chunk does")
+                self._frame_done = True
 
     def _inflate_into(self, out: np.ndarray) -> None:
         if self._inflate is None:
@@ -354,6 +376,62 @@ class ChunkRows:
         except zlib.error as e:
             raise NotStreamable(f"{self.what}: {e}") from None
 
+    def finish(self) -> None:
+        """Decode the rows not asked for (padding past the array's end, rows past the region)
+        and check that the stored stream ends with the chunk, as tensorstore does: a stream
+        that runs past it, a second frame or bytes after it are damage (`NotStreamable`)."""
+        self.skip(self.fmt.chunk[0] - self.rows_done)
+        if self._missing:
+            return
+        if self.fmt.codec == "raw":
+            end = self.fmt.chunk[0] * self.fmt.row_bytes
+            if self.fetch(end, None).result():
+                raise NotStreamable(f"{self.what}: stored bytes after the chunk's end")
+            return
+        if self.fmt.codec == "zstd":
+            self._zstd_end()
+        else:
+            self._inflate_end()
+        if self._ahead is not None and self._ahead.result():
+            raise NotStreamable(f"{self.what}: stored bytes after the chunk's end")
+
+    def _zstd_end(self) -> None:
+        lib = _zstd()
+        dst = _Buffer(None, 0, 0)
+        while not self._frame_done:
+            if self._in.pos == self._in.size:
+                piece = self._take_piece()
+                if not piece:
+                    raise NotStreamable(f"{self.what}: the stored bytes end before the zstd frame does")
+                self._set_input(piece)
+            before = self._in.pos
+            ret = lib.ZSTD_decompressStream(self._dctx, ctypes.byref(dst), ctypes.byref(self._in))
+            if lib.ZSTD_isError(ret):
+                raise NotStreamable(f"{self.what}: {lib.ZSTD_getErrorName(ret).decode(errors='replace')}")
+            if ret == 0:
+                self._frame_done = True
+            elif self._in.pos == before and self._in.pos < self._in.size:
+                raise NotStreamable(f"{self.what}: the zstd frame holds more than the chunk")
+        if self._in.pos < self._in.size:
+            raise NotStreamable(f"{self.what}: stored bytes after the zstd frame")
+
+    def _inflate_end(self) -> None:
+        try:
+            while not self._inflate.eof:
+                if not self._pending:
+                    piece = self._input if self._input is not None else self._take_piece()
+                    self._input = None
+                    if not piece:
+                        raise NotStreamable(f"{self.what}: the stored bytes end before the stream does")
+                    self._pending = piece
+                if self._inflate.decompress(self._pending, 1):
+                    raise NotStreamable(f"{self.what}: the stored stream holds more than the chunk")
+                self._pending = self._inflate.unconsumed_tail
+        except zlib.error as e:
+            raise NotStreamable(f"{self.what}: {e}") from None
+        if self._inflate.unused_data or self._pending or self._input:
+            raise NotStreamable(f"{self.what}: stored bytes after the compressed stream")
+
     def skip(self, k: int) -> None:
         """Decode and drop `k` rows (a region that starts inside the chunk), a piece at a time."""
         step = max(1, INPUT_PIECE // max(self.fmt.row_bytes, 1))
@@ -373,6 +451,18 @@ class ChunkRows:
             self.close()
         except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone already
             pass
+
+
+class _Whole:
+    """A small chunk's whole stored value, read as its first (and only) piece."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, read: Any) -> None:
+        self.read = read
+
+    def result(self) -> Optional[bytes]:
+        return self.read.result()
 
 
 class _Done:

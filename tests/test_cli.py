@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from pytest_ckptparity import zarr_rows
+
 from pytest_ckptparity import __version__
 from pytest_ckptparity import examples as ex
 from pytest_ckptparity.cli import _want_progress, main, run_with_progress
@@ -31,7 +33,7 @@ def sixty_differ(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 def test_version_alias_and_python_m(samples):
     version = cli("--version")
-    assert version.returncode == 0 and version.stdout.strip() == f"ckptparity {__version__} (native kernels: yes; rows in step: yes)"
+    assert version.returncode == 0 and version.stdout.strip() == f"ckptparity {__version__} (native kernels: yes; {zarr_rows.status()})"
     plain = cli(samples["maxtext_decode_scan"], samples["maxtext_decode_unroll"], "--color", "no")
     alias = cli("compare", samples["maxtext_decode_scan"], samples["maxtext_decode_unroll"], "--color", "no", module="pytest_ckptparity.cli")
     assert plain.returncode == alias.returncode == 0

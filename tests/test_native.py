@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_ckptparity import _native
+from pytest_ckptparity import _native, zarr_rows
 from pytest_ckptparity import fingerprint as fp
 
 NATIVE_DTYPES = [np.float32, np.float64, ml_dtypes.bfloat16, np.float16]
@@ -184,7 +184,7 @@ def test_a_library_of_another_calling_convention_is_not_loaded(tmp_path):
 def test_the_switch_reads_yes_and_no(value, expected):
     run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", "--version"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "CKPTPARITY_NATIVE": value})
-    assert run.stdout.strip().endswith(f"({expected}; rows in step: yes)")
+    assert run.stdout.strip().endswith(f"({expected}; {zarr_rows.status()})")
     assert len(run.stdout.strip().splitlines()) == 1
 
 

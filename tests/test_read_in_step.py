@@ -19,6 +19,9 @@ from pytest_ckptparity.diff import CompareOptions
 from pytest_ckptparity.sources import OrbaxCheckpoint, Pending
 from pytest_ckptparity.zarr_rows import ChunkRows, NotStreamable, RowFormat, row_format
 
+# Without the system's libzstd, zstd chunks (orbax's default) are not read in step.
+needs_libzstd = pytest.mark.skipif(zarr_rows._zstd() is None, reason="rows in step need the system's libzstd for zstd chunks")
+
 # The stacked mlp kernels' common block (both grids' whole chunks) is 48 KiB a side: this
 # budget cannot hold it twice, so blocks would be slabs, and the leaf is read in step.
 BUDGET = 80 << 10
@@ -80,6 +83,8 @@ def _fetcher(path, key):
 def test_a_chunk_decoded_from_the_front_is_what_tensorstore_decodes(tmp_path, small_pieces, zarr_format, codec, dtype):
     """Every chunk (edge chunks included, padded by zarr), read 1, 3 and then the rest of
     its rows at a time, equals tensorstore's read of the same region."""
+    if codec == "zstd" and zarr_rows._zstd() is None:
+        pytest.skip("no system libzstd")
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     values = (np.random.default_rng(0).standard_normal((37, 5, 9)) * 100).astype(np_dtype)
     v2_dtype = {"float32": "<f4", "bfloat16": "bfloat16", "int32": "<i4"}[dtype]
@@ -98,6 +103,7 @@ def test_a_chunk_decoded_from_the_front_is_what_tensorstore_decodes(tmp_path, sm
         rows.close()
 
 
+@needs_libzstd
 @pytest.mark.parametrize("index_location", ["end", "start"])
 def test_chunks_of_a_sharded_zarr3_array_decode_from_their_byte_range(tmp_path, small_pieces, index_location):
     """zarr3 `sharding_indexed` (orbax's zarr3): each chunk is found through its shard's index
@@ -175,12 +181,54 @@ def test_an_identity_transpose_still_decodes_from_the_front():
 
 @pytest.mark.parametrize("stored", [b"", b"\x28\xb5\x2f\xfd garbage that is no frame", None])
 def test_damaged_or_missing_chunks_without_a_fill_value_are_not_streamable(stored):
+    if zarr_rows._zstd() is None:
+        pytest.skip("no system libzstd")
     """A stored stream that ends early or is not zstd, or a missing chunk whose fill value is
     not known (orbax writes `null`), is not guessed at: the leaf goes back to tensorstore."""
     fmt = RowFormat(np.dtype("<f4"), (4, 3), "zstd", None)
     rows = ChunkRows(fmt, lambda start, stop: Pending(lambda: stored if start == 0 else b"", 0), "chunk")
     with pytest.raises(NotStreamable):
         rows.read(2)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "zlib", "raw"])
+@pytest.mark.parametrize("damage", ["trailing bytes", "a second copy", "cut short"])
+def test_a_chunk_whose_stream_does_not_end_with_it_is_not_streamable(tmp_path, codec, damage):
+    """What tensorstore refuses (bytes after a chunk's data: `End of data expected`; a chunk
+    cut short) is never decoded here: `finish`, which a lane calls on the last rows of every
+    chunk, raises, and the leaf goes to tensorstore. (A zlib stream missing its checksum,
+    which tensorstore reads, is refused here too: it then reads through tensorstore.)"""
+    import tensorstore as ts
+
+    if codec == "zstd" and zarr_rows._zstd() is None:
+        pytest.skip("no system libzstd")
+    values = np.arange(4 * 3, dtype="<f4").reshape(4, 3) + 1
+    _, meta = _write_zarr(tmp_path / "c", 2, codec, "<f4", values, (4, 3))
+    stored = (tmp_path / "c" / "0.0").read_bytes()
+    data = {"trailing bytes": stored + b"\x00" * 8, "a second copy": stored + stored, "cut short": stored[:-3]}[damage]
+    (tmp_path / "c" / "0.0").write_bytes(data)
+    try:
+        ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "c")}}).result().read().result()
+        refused = False
+    except ValueError:
+        refused = True
+    assert refused or (codec, damage) == ("zlib", "cut short")
+    rows = ChunkRows(row_format(meta), lambda start, stop: Pending(lambda: data[start:stop], 0), "chunk")
+    with pytest.raises(NotStreamable):
+        rows.read(4)
+        rows.finish()
+
+
+def test_a_whole_chunk_ends_where_its_stream_does(tmp_path, small_pieces):
+    for codec in ("zstd", "zlib", "gzip", "raw")[0 if zarr_rows._zstd() else 1:]:
+        values = np.random.default_rng(0).standard_normal((9, 3)).astype("<f4")
+        _, meta = _write_zarr(tmp_path / codec, 2, codec, "<f4", values, (4, 3))
+        for key in ("0.0", "1.0", "2.0"):  # the last one padded past the array's end
+            data = (tmp_path / codec / key).read_bytes()
+            rows = ChunkRows(row_format(meta), lambda start, stop, data=data: Pending(lambda: data[start:stop], 0), key)
+            rows.read(1)
+            rows.finish()  # decodes the rest, finds the stream's end exactly there
+            assert rows.rows_done == 4
 
 
 def test_a_truncated_zlib_stream_is_not_streamable():
@@ -191,6 +239,8 @@ def test_a_truncated_zlib_stream_is_not_streamable():
 
 
 def test_a_missing_chunk_reads_as_its_fill_value():
+    if zarr_rows._zstd() is None:
+        pytest.skip("no system libzstd")
     rows = ChunkRows(RowFormat(np.dtype("<f4"), (4, 3), "zstd", np.array(1.5, "<f4")), lambda s, e: Pending(lambda: None, 0), "chunk")
     np.testing.assert_array_equal(rows.read(3), np.full((3, 3), 1.5, np.float32))
     np.testing.assert_array_equal(rows.read(3), np.full((1, 3), 1.5, np.float32))
@@ -233,8 +283,7 @@ def _figures(report):
 
 
 MLP = "params.params.decoder.layers.mlp.wi_0.kernel".split(".")
-
-
+@needs_libzstd
 def test_rows_in_step_open_every_chunk_once_and_never_decode_the_leaf_whole(stack_meshes, monkeypatch, small_pieces):
     reads = _Reads(monkeypatch)
     report = _run(stack_meshes["a"], stack_meshes["b"], monkeypatch)
@@ -248,14 +297,19 @@ def test_rows_in_step_open_every_chunk_once_and_never_decode_the_leaf_whole(stac
     assert wi_0.stats.n_total == 3 * 64 * 128 and wi_0.bytes_read == 2 * 3 * 64 * 128 * 4
 
 
+@needs_libzstd
 @pytest.mark.parametrize("b", ["b", "b_planted", "b_noisy"])
 def test_rows_in_step_give_the_figures_of_slabs_and_of_whole_blocks(stack_meshes, monkeypatch, small_pieces, b):
     """The same verdict, counts, worst values, indices and per-layer drift, leaf by leaf,
     whether the pair is read in step, in slabs (`CKPTPARITY_IN_STEP=0`) or in whole blocks
     (the default budget)."""
+    reads = _Reads(monkeypatch)
     in_step = _run(stack_meshes["a"], stack_meshes[b], monkeypatch)
+    assert {tuple(p) for _, p, _ in reads.opened} >= {tuple(MLP)}  # the mlp kernels were read in step
+    reads.opened.clear()
     slabs = _run(stack_meshes["a"], stack_meshes[b], monkeypatch, in_step=False)
     blocks = _run(stack_meshes["a"], stack_meshes[b], monkeypatch, budget=256 << 20)
+    assert not reads.opened
     assert _figures(in_step) == _figures(slabs) == _figures(blocks)
     assert in_step.passed == (b != "b_planted")
     if b == "b_planted":
@@ -266,8 +320,7 @@ def test_rows_in_step_give_the_figures_of_slabs_and_of_whole_blocks(stack_meshes
         assert bad.stats.max_abs == pytest.approx(1.0, rel=1e-5)
     if b == "b_noisy":
         assert all(r.stats.headroom > 0 for r in in_step.results if r.stats and r.layers)
-
-
+@needs_libzstd
 def test_a_chunk_that_fails_to_decode_restarts_the_leaf_through_tensorstore(stack_meshes, monkeypatch, small_pieces):
     """A decode that fails halfway (after some batches were compared) starts the leaf over
     from nothing: the counts are not doubled, and the planted difference is still found."""
@@ -284,17 +337,19 @@ def test_a_chunk_that_fails_to_decode_restarts_the_leaf_through_tensorstore(stac
     (bad,) = [r for r in report.mismatches if r.path.startswith("params/")]
     assert bad.stats.n_total == 3 * 64 * 128 and bad.stats.n_mismatch == 1 and bad.stats.first_indices == ((2, 5, 40),)
     assert [p for _, p in reads.tensorstore if list(p) == MLP]  # read again through tensorstore
-
-
+@needs_libzstd
 def test_a_layer_range_in_step_reports_those_layers_only(stack_meshes, monkeypatch, small_pieces):
     from pytest_ckptparity.diff import Selection, diff_views
 
     monkeypatch.delenv("CKPTPARITY_IN_STEP", raising=False)
+    reads = _Reads(monkeypatch)
     comparison = Comparison(stack_meshes["a"], stack_meshes["b_planted"], options=CompareOptions(read_budget=BUDGET))
     va, vb = comparison.views
     path = "params/decoder/layers/mlp/wi_0/kernel"
     for layers, fails in (((0, 2), False), ((2, 3), True)):
+        reads.opened.clear()
         report = diff_views(va, vb, comparison.options, [Selection((path,), layers)])
+        assert reads.opened and not reads.tensorstore  # read in step (its blocks would not fit)
         (r,) = report.results
         assert r.layer_range == layers and r.stats.n_total == (layers[1] - layers[0]) * 64 * 128
         assert (r.kind is not None) == fails
@@ -313,6 +368,7 @@ def test_a_budget_too_small_for_batches_reads_slabs(stack_meshes, monkeypatch):
 
 # budgets under twice the mlp kernels' common block (12 KiB a side between the two zarr3
 # grids, 48 KiB against zarr v2's) that still hold the batches and every open chunk's input
+@needs_libzstd
 @pytest.mark.parametrize("a, b, budget", [("a_zarr3", "b_planted_zarr3", 20 << 10), ("a", "b_planted_zarr3", 48 << 10)])
 def test_zarr3_as_maxtext_writes_it_is_read_in_step(stack_meshes, monkeypatch, small_pieces, a, b, budget):
     """Sharded zarr3 (MaxText's format; here chunks of at most 4 KiB, so the grids are finer),
@@ -325,8 +381,7 @@ def test_zarr3_as_maxtext_writes_it_is_read_in_step(stack_meshes, monkeypatch, s
     assert _figures(in_step) == _figures(slabs)
     (bad,) = [r for r in in_step.mismatches if r.path.startswith("params/")]
     assert bad.stats.n_mismatch == 1 and bad.stats.first_indices == ((2, 5, 40),)
-
-
+@needs_libzstd
 def test_every_chunk_of_maxtexts_own_checkpoints_decodes_as_tensorstore_reads_it(samples):
     """The sample checkpoints MaxText wrote (zarr3, sharded, zstd; float32 and bfloat16):
     every stored chunk of every array, decoded from the front, equals tensorstore's read."""
@@ -349,7 +404,7 @@ def test_every_chunk_of_maxtexts_own_checkpoints_decodes_as_tensorstore_reads_it
     assert checked > 50
 
 
-@pytest.mark.parametrize("value, expected", [("0", "rows in step: off (CKPTPARITY_IN_STEP=0)"), ("", "rows in step: yes")])
+@pytest.mark.parametrize("value, expected", [("0", "rows in step: off (CKPTPARITY_IN_STEP=0)"), ("", zarr_rows.status())])
 def test_the_command_says_whether_rows_are_read_in_step(value, expected):
     import os
     import subprocess
@@ -358,8 +413,7 @@ def test_the_command_says_whether_rows_are_read_in_step(value, expected):
     run = subprocess.run([sys.executable, "-m", "pytest_ckptparity", "--version"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "CKPTPARITY_IN_STEP": value})
     assert run.returncode == 0 and run.stdout.strip().endswith(f"; {expected})")
-
-
+@needs_libzstd
 def test_a_misspelt_in_step_switch_is_one_sentence(stack_meshes):
     import os
     import subprocess
@@ -369,8 +423,7 @@ def test_a_misspelt_in_step_switch_is_one_sentence(stack_meshes):
                          timeout=300, env={**os.environ, "CKPTPARITY_IN_STEP": "slabs"})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip() == "ckptparity: error: CKPTPARITY_IN_STEP must be 1 (read mismatched chunk grids row by row in step) or 0 (in slabs), got 'slabs'."
-
-
+@needs_libzstd
 def test_a_chunk_larger_than_the_budget_is_read_in_step(tmp_path, monkeypatch, small_pieces):
     """An array written from one device is one chunk: read whole, it would hold the chunk
     three times a side (stored bytes, decoded chunk, copy). When that is more than the
@@ -393,3 +446,72 @@ def test_a_chunk_larger_than_the_budget_is_read_in_step(tmp_path, monkeypatch, s
     reads.opened.clear()
     assert _run(a, b, monkeypatch).mismatches  # the default budget holds it: read whole, as before
     assert not reads.opened
+@needs_libzstd
+def test_a_damaged_shard_index_is_reported_as_tensorstore_reports_it(stack_meshes, tmp_path, monkeypatch, small_pieces):
+    """One shard index entry of B's stacked wi_0 pointing past any shard: the leaf falls back
+    to tensorstore, which names the damage in one sentence (no traceback from the rows)."""
+    import shutil
+    import struct
+
+    import tensorstore as ts
+
+    from pytest_ckptparity.errors import CkptParityUsageError
+
+    b = tmp_path / "b"
+    shutil.copytree(stack_meshes["b_planted_zarr3"], b)
+    item = b / "0" / "items"
+    key = "params.params.decoder.layers.mlp.wi_0.kernel/c/0/0/0"
+    value = bytes(ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item}/"}).result().read(key).result().value)
+    for f in item.rglob("d/*"):
+        blob = f.read_bytes()
+        at = blob.find(value)
+        if at >= 0:  # orbax's zarr3: the index (16 bytes a chunk, then a crc32c) ends the shard
+            start = at + len(value) - 20
+            f.write_bytes(blob[:start] + struct.pack("<Q", 2**63 + 8) + blob[start + 8:])
+            break
+    else:
+        pytest.fail("the shard's bytes were not found in OCDBT's data files")
+    messages = []
+    for in_step in (True, False):
+        with pytest.raises(CkptParityUsageError) as err:
+            _run(stack_meshes["a_zarr3"], str(b), monkeypatch, in_step=in_step, budget=20 << 10)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    assert "params.params.decoder.layers.mlp.wi_0.kernel" in messages[0] and "truncated or corrupt" in messages[0]
+@needs_libzstd
+def test_a_layer_range_that_starts_inside_a_chunk_is_read_in_step(tmp_path, monkeypatch, small_pieces):
+    """rows in step over an extent that starts and ends inside chunks on the first stored
+    axis (an NNX stack keeps its layers there): the chunks are skipped into and finished, and
+    every element of the range is compared once, against the ground truth."""
+    from pytest_ckptparity._model import Tolerance
+    from pytest_ckptparity.kernel import _Accumulator, compare_stored_block
+    from pytest_ckptparity.read_in_step import compare_in_step, plan_in_step
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((37, 11, 9)).astype("<f4")
+    other = data.copy()
+    other[12, 3, 4] += 1.0
+    fmts, opens = [], []
+    for name, values, chunks in (("a", data, (8, 11, 3)), ("b", other, (5, 4, 9))):
+        _write_zarr(tmp_path / name, 2, "zstd", "<f4", values, chunks)
+        import json
+
+        fmt = row_format(json.loads((tmp_path / name / ".zarray").read_text()))
+        fmts.append(fmt)
+        opens.append(lambda coords, name=name, fmt=fmt: ChunkRows(fmt, _fetcher(tmp_path / name, ".".join(map(str, coords))), name))
+    extent = (slice(3, 30), slice(0, 11), slice(2, 9))
+    plan = plan_in_step(extent, fmts[0], fmts[1], 1 << 16)
+    assert plan is not None and plan.batch_rows < 27
+    seen = np.zeros(data.shape, int)
+    acc = _Accumulator()
+
+    def compare(a, b, region):
+        np.testing.assert_array_equal(a, data[region])
+        np.testing.assert_array_equal(b, other[region])
+        seen[region] += 1
+        compare_stored_block(a, b, Tolerance(1e-6, 1e-6), True, acc, tuple(s.start for s in region), None)
+
+    compare_in_step(plan, opens[0], opens[1], compare, 2)
+    assert (seen[extent] == 1).all() and seen.sum() == seen[extent].size
+    stats = acc.stats()
+    assert stats.n_total == 27 * 11 * 7 and stats.n_mismatch == 1 and stats.first_indices == ((12, 3, 4),)
