@@ -108,14 +108,14 @@ def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent:
     """Whether a leaf that blocks cannot read within the budget is read row by row in step
     instead (`read_in_step`): each chunk decoded once, a few batches held. That is a leaf
     whose blocks are slabs (`decodes` > `stored`: two chunk grids whose common block does
-    not fit, so slabs decode chunks more than once), or whose blocks of whole chunks would
-    each hold more than the budget (chunks larger than it: an array written from one
-    device is one chunk). It needs both sides one array as stored, chunks that decode from
-    the front, and batches that fit the budget. Where blocks fit, they stay: tensorstore
-    reads them with fewer copies than stored bytes handed to Python."""
+    not fit, so slabs decode chunks more than once), or whose chunks alone are too large:
+    reading one chunk a side holds more than the budget (an array written from one device
+    is one chunk). It needs both sides one array as stored, chunks that decode from the
+    front, and batches that fit the budget. Where blocks fit, they stay: tensorstore reads
+    them with fewer copies than stored bytes handed to Python."""
     if not job.as_stored or job.stored is not None or in_step_turned_off():
         return None
-    if decodes <= stored and max((held_by_read(job.la, b) + held_by_read(job.lb, b) for b in job.blocks), default=0) <= read_budget:
+    if decodes <= stored and sum(held_by_read(leaf, _one_chunk(leaf)) for leaf in (job.la, job.lb)) <= read_budget:
         return None
     formats = []
     for view, leaf in ((va, job.la), (vb, job.lb)):
@@ -127,6 +127,12 @@ def plan_leaf_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, extent:
             return None
         formats.append(fmt)
     return plan_in_step(_stored_block(job.la, tuple(extent)), formats[0], formats[1], read_budget)
+
+
+def _one_chunk(leaf: LogicalLeaf) -> tuple[slice, ...]:
+    """A leaf's first stored chunk (its whole extent when it has no chunks), canonical."""
+    grid = _chunk_extents(leaf, len(leaf.shape)) or leaf.shape
+    return tuple(slice(0, min(g, d)) for g, d in zip(grid, leaf.shape))
 
 
 def _read_in_step(va: NormalizedView, vb: NormalizedView, job: _Job, opts: CompareOptions) -> None:
