@@ -13,6 +13,11 @@ Stored bytes: a leaf both sides store alike (dtype, chunk grid, codecs) is read 
 chunk bytes first; equal bytes are equal values, and only chunks whose bytes differ are
 decoded and compared as values.
 
+Rows in step: a leaf that blocks cannot read within the budget (slabs would decode chunks
+more than once, or one chunk a side alone is larger than the budget) is read row by row in
+step instead when its chunks decode from the front (`read_in_step`, `zarr_rows`); anything
+that goes wrong there reads the leaf again, from nothing, in blocks through tensorstore.
+
 Stored order: when both sides hold a leaf as one array (a stack with its layers on the same
 axis), blocks are read and compared in that stored axis order (contiguous, no layer-first
 view); per-layer figures and indices are computed in canonical (layer first) terms. A slab
