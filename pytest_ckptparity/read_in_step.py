@@ -31,7 +31,8 @@ from pytest_ckptparity.zarr_rows import INPUT_PIECE, ChunkRows, RowFormat
 BATCH_BYTES = 8 << 20  # rows decoded at once, a side: about this many bytes
 BATCHES_AHEAD = 2  # batches decoding while one is compared
 MAX_OPEN_CHUNKS = 64  # chunks of one side open at once (one region's); beyond, not read in step
-WINDOW_GUESS = (9 << 20) + (1 << 19)  # a zstd decoder counted per open chunk: the largest window it takes (8 MiB), its buffers
+DECODER_BUFFERS = 1 << 20  # a zstd decoder's own buffers beyond its window, counted per open chunk
+WINDOW_LOGS = (23, 22, 21)  # zstd windows a plan allows (8, 4, 2 MiB), the largest the budget holds
 
 Region = tuple[slice, ...]
 
@@ -81,19 +82,21 @@ def plan_in_step(extent: Region, fmt_a: RowFormat, fmt_b: RowFormat, budget: int
     if max(open_a, open_b) > MAX_OPEN_CHUNKS:
         return None
     row_a, row_b = widest * itemsize_a, widest * itemsize_b
-    # a batch a side: BATCH_BYTES, or less when the budget is small: the batches (BATCHES_AHEAD
-    # + 2 a side: those compared and decoding, and chunks' rows before they are copied) take
-    # at most half of it, the open chunks' input and windows the rest
-    batch = min(BATCH_BYTES, budget // (4 * (BATCHES_AHEAD + 2)))
-    rows = min(max(1, batch // max(row_a, row_b, 1)), extent[0].stop - extent[0].start)
-    held = (BATCHES_AHEAD + 2) * rows * (row_a + row_b)
-    for fmt, n in ((fmt_a, open_a), (fmt_b, open_b)):  # each open chunk: its input pieces and window
-        chunk_bytes = math.prod(fmt.chunk) * fmt.dtype.itemsize
-        if fmt.codec != "raw":
-            held += n * (min(2 * INPUT_PIECE, chunk_bytes) + min(WINDOW_GUESS, chunk_bytes))
-    if held > budget:
-        return None
-    return InStepPlan(tuple(extent), fmt_a, fmt_b, grid_a, grid_b, tuple(regions), rows, held)
+    for window_log in WINDOW_LOGS:  # zstd levels 1-3 (orbax writes 1 and 3) need 2 MiB at most
+        decoders = 0
+        for fmt, n in ((fmt_a, open_a), (fmt_b, open_b)):  # each open chunk: its input pieces and decoder
+            chunk_bytes = math.prod(fmt.chunk) * fmt.dtype.itemsize
+            if fmt.codec != "raw":
+                decoders += n * (min(2 * INPUT_PIECE, chunk_bytes) + min((1 << window_log) + DECODER_BUFFERS, chunk_bytes))
+        # batches take what the open chunks leave: BATCHES_AHEAD + 2 a side (those compared and
+        # decoding, and chunks' rows before they are copied), each at most BATCH_BYTES
+        rows = min(BATCH_BYTES // max(row_a, row_b, 1), (budget - decoders) // ((BATCHES_AHEAD + 2) * (row_a + row_b)),
+                   extent[0].stop - extent[0].start)
+        if rows >= 1:
+            held = decoders + (BATCHES_AHEAD + 2) * rows * (row_a + row_b)
+            return InStepPlan(tuple(extent), fmt_a.with_window_log(window_log), fmt_b.with_window_log(window_log),
+                              grid_a, grid_b, tuple(regions), rows, held)
+    return None
 
 
 def _row_batches(rows: slice, g_a: int, g_b: int, batch: int) -> list[tuple[int, int]]:

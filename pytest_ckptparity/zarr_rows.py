@@ -69,10 +69,18 @@ class RowFormat:
     shape, the compression of its byte stream, the value of a chunk not stored, and for a
     sharded array where a chunk's bytes sit in its shard."""
 
-    __slots__ = ("dtype", "chunk", "codec", "fill", "shards")
+    __slots__ = ("dtype", "chunk", "codec", "fill", "shards", "window_log")
 
     def __init__(self, dtype: np.dtype, chunk: tuple[int, ...], codec: str, fill: Optional[np.ndarray], shards: Optional[Shards] = None) -> None:
         self.dtype, self.chunk, self.codec, self.fill, self.shards = dtype, chunk, codec, fill, shards
+        self.window_log = ZSTD_WINDOW_LOG_MAX  # the largest zstd window decoded, as a power of two
+
+    def with_window_log(self, window_log: int) -> "RowFormat":
+        """The same format, decoding zstd frames with windows of at most 2**window_log bytes
+        (a frame that needs more is not streamable)."""
+        fmt = RowFormat(self.dtype, self.chunk, self.codec, self.fill, self.shards)
+        fmt.window_log = window_log
+        return fmt
 
     @property
     def row_bytes(self) -> int:
@@ -182,7 +190,7 @@ class _Buffer(ctypes.Structure):
 
 _ZSTD: list = []  # [library or None], looked up once
 _ZSTD_D_WINDOW_LOG_MAX = 100  # ZSTD_d_windowLogMax
-ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB windows at most: zstd levels up to 18 write no more
+ZSTD_WINDOW_LOG_MAX = 23  # 8 MiB windows at most (zstd levels up to 18 write no more), fewer for a small budget
 
 
 def _zstd() -> Any:
@@ -330,7 +338,8 @@ class ChunkRows:
                 raise NotStreamable(f"{self.what}: no zstd decoder")
             # a frame asking for a larger window than `read_in_step` counts (level 19 and up, a
             # damaged or hostile header) fails here and goes to tensorstore
-            lib.ZSTD_DCtx_setParameter(self._dctx, _ZSTD_D_WINDOW_LOG_MAX, ZSTD_WINDOW_LOG_MAX)
+            if lib.ZSTD_isError(lib.ZSTD_DCtx_setParameter(self._dctx, _ZSTD_D_WINDOW_LOG_MAX, max(10, self.fmt.window_log))):
+                raise NotStreamable(f"{self.what}: the zstd window cannot be limited to 2**{self.fmt.window_log} bytes")
         if not self._first_input(out):
             return
         if self._frame_done:

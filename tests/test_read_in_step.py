@@ -29,10 +29,15 @@ BUDGET = 80 << 10
 
 @pytest.fixture
 def small_pieces(monkeypatch):
-    """Stored bytes read 512 at a time: piece edges fall inside rows and inside zstd blocks."""
+    """Stored bytes read 512 at a time: piece edges fall inside rows and inside zstd blocks.
+    And the plan counts 256 bytes for each open chunk's decoder (these few-KiB chunks'
+    frames need their whole size, which would not fit budgets small enough to need rows in
+    step at all), while the decoder itself keeps its usual limit."""
     monkeypatch.setattr(zarr_rows, "INPUT_PIECE", 512)
     monkeypatch.setattr(read_in_step, "INPUT_PIECE", 512)
-    monkeypatch.setattr(read_in_step, "WINDOW_GUESS", 256)
+    monkeypatch.setattr(read_in_step, "DECODER_BUFFERS", 0)
+    monkeypatch.setattr(read_in_step, "WINDOW_LOGS", (8,))
+    monkeypatch.setattr(RowFormat, "with_window_log", lambda fmt, window_log: fmt)
 
 
 # --------------------------------------------------------------------------------------
@@ -516,3 +521,32 @@ def test_a_layer_range_that_starts_inside_a_chunk_is_read_in_step(tmp_path, monk
     assert (seen[extent] == 1).all() and seen.sum() == seen[extent].size
     stats = acc.stats()
     assert stats.n_total == 27 * 11 * 7 and stats.n_mismatch == 1 and stats.first_indices == ((12, 3, 4),)
+
+
+def test_the_plan_allows_the_largest_zstd_window_its_budget_holds():
+    """Rows in step count each open chunk's decoder at the window they allow: 8 MiB when the
+    budget holds it, down to 2 MiB (what orbax's zstd levels need) for smaller budgets,
+    and no plan below that; the batches take what is left."""
+    big_a = RowFormat(np.dtype("<f4"), (128, 82, 1024), "zstd", None)  # 43 MB chunks, as the 3x benchmark's
+    big_b = RowFormat(np.dtype("<f4"), (512, 82, 256), "zstd", None)
+    extent = (slice(0, 512), slice(0, 82), slice(0, 2048))
+    windows = {}
+    for mib in (256, 96, 48, 40, 24):
+        plan = read_in_step.plan_in_step(extent, big_a, big_b, mib << 20)
+        windows[mib] = None if plan is None else plan.fmt_a.window_log
+        if plan is not None:
+            assert plan.held <= mib << 20 and plan.fmt_b.window_log == plan.fmt_a.window_log
+    # 5 chunks open (one of A's, four of B's): 4 MiB of input each, plus the decoder's window
+    assert windows == {256: 23, 96: 23, 48: 22, 40: 21, 24: None}
+
+
+def test_a_zstd_frame_needing_a_larger_window_than_allowed_is_not_streamable(tmp_path):
+    values = np.random.default_rng(0).standard_normal((256, 4096)).astype("<f4")  # 4 MiB: a 2 MiB window at level 3
+    _, meta = _write_zarr(tmp_path / "w", 2, "zstd", "<f4", values, (256, 4096))
+    fetch = _fetcher(tmp_path / "w", "0.0")
+    fmt = row_format(meta)
+    if fmt is None:
+        pytest.skip("no system libzstd")
+    np.testing.assert_array_equal(ChunkRows(fmt.with_window_log(21), fetch, "w").read(256), values)
+    with pytest.raises(NotStreamable):
+        ChunkRows(fmt.with_window_log(20), fetch, "w").read(256)
