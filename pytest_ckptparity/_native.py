@@ -40,28 +40,27 @@ def _path() -> Optional[Path]:
     return None
 
 
-def _turned_off() -> bool:
-    value = os.environ.get("CKPTPARITY_NATIVE", "").strip().lower()
+def _switched_off(name: str, meaning: str) -> bool:
+    """An on/off environment switch: True when set to off, False when on or unset; any other
+    value is a usage error naming the switch and what its values mean."""
+    value = os.environ.get(name, "").strip().lower()
     if value in _OFF:
         return True
     if value not in _ON:
         from pytest_ckptparity.errors import CkptParityUsageError
 
-        raise CkptParityUsageError(f"CKPTPARITY_NATIVE must be 1 (use the C kernels when built) or 0 (numpy kernels), got {value!r}.")
+        raise CkptParityUsageError(f"{name} must be {meaning}, got {value!r}.")
     return False
+
+
+def _turned_off() -> bool:
+    return _switched_off("CKPTPARITY_NATIVE", "1 (use the C kernels when built) or 0 (numpy kernels)")
 
 
 def in_step_turned_off() -> bool:
     """CKPTPARITY_IN_STEP=0: mismatched chunk grids are read in slabs through tensorstore,
     not decoded row by row in step with libzstd (`read_in_step`)."""
-    value = os.environ.get("CKPTPARITY_IN_STEP", "").strip().lower()
-    if value in _OFF:
-        return True
-    if value not in _ON:
-        from pytest_ckptparity.errors import CkptParityUsageError
-
-        raise CkptParityUsageError(f"CKPTPARITY_IN_STEP must be 1 (read mismatched chunk grids row by row in step) or 0 (in slabs), got {value!r}.")
-    return False
+    return _switched_off("CKPTPARITY_IN_STEP", "1 (read mismatched chunk grids row by row in step) or 0 (in slabs)")
 
 
 def check_environment() -> None:

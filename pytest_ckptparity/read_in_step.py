@@ -39,17 +39,24 @@ Region = tuple[slice, ...]
 
 @dataclass(frozen=True)
 class InStepPlan:
-    """How to read one stored array pair in step: the region compared, the two chunk
-    grids, the regions of the trailing axes, rows per batch and the bytes held at peak."""
+    """How to read one stored array pair in step: the region compared, the two sides'
+    formats (their chunk grids), the regions of the trailing axes, rows per batch and the
+    bytes held at peak."""
 
     extent: Region
     fmt_a: RowFormat
     fmt_b: RowFormat
-    grid_a: tuple[int, ...]
-    grid_b: tuple[int, ...]
     regions: tuple[Region, ...]
     batch_rows: int
     held: int
+
+    @property
+    def grid_a(self) -> tuple[int, ...]:
+        return tuple(self.fmt_a.chunk)
+
+    @property
+    def grid_b(self) -> tuple[int, ...]:
+        return tuple(self.fmt_b.chunk)
 
 
 def _trailing_regions(extent: Region, grid_a: Sequence[int], grid_b: Sequence[int]) -> list[Region]:
@@ -95,7 +102,7 @@ def plan_in_step(extent: Region, fmt_a: RowFormat, fmt_b: RowFormat, budget: int
         if rows >= 1:
             held = decoders + (BATCHES_AHEAD + 2) * rows * (row_a + row_b)
             return InStepPlan(tuple(extent), fmt_a.with_window_log(window_log), fmt_b.with_window_log(window_log),
-                              grid_a, grid_b, tuple(regions), rows, held)
+                              tuple(regions), rows, held)
     return None
 
 

@@ -470,18 +470,18 @@ class OrbaxCheckpoint(Checkpoint):
             self._kv = ts.KvStore.open(spec, context=context).result()
         return self._kv
 
-    def _layout(self, path: KeyPath) -> Optional[ChunkLayout]:
-        """`chunk_layout`, worked out once per leaf (a leaf read in step opens many chunks)."""
-        cache = self.__dict__.setdefault("_layouts", {})
-        if path not in cache:
-            cache[path] = self.chunk_layout(path)
-        return cache[path]
-
     def chunk_layout(self, path: KeyPath) -> Optional[ChunkLayout]:
         """How a leaf is stored: its chunk grid and the rest of its zarr metadata (dtype,
         shape, codecs, fill value, key encoding). Two arrays with equal layouts encode equal
         values the same way, so equal stored chunk bytes mean equal values. None for strings
-        or metadata this method does not understand (the caller then compares values)."""
+        or metadata this method does not understand (the caller then compares values).
+        Worked out once per leaf: a leaf read in step asks for it for every chunk."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        if path not in cache:
+            cache[path] = self._chunk_layout(path)
+        return cache[path]
+
+    def _chunk_layout(self, path: KeyPath) -> Optional[ChunkLayout]:
         if self.leaves()[path].dtype == "str":
             return None
         try:
@@ -519,7 +519,7 @@ class OrbaxCheckpoint(Checkpoint):
     def chunk_rows(self, path: KeyPath, coords: tuple[int, ...], fmt: RowFormat) -> ChunkRows:
         """The rows of one stored chunk, decoded from the front as they are asked for."""
         param = ".".join(path)
-        layout = self._layout(path)
+        layout = self.chunk_layout(path)
         if layout is None:
             raise NotStreamable(f"array '{param}': its chunk keys are not known")
         kv = self._kvstore()

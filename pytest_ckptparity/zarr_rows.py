@@ -250,6 +250,7 @@ class ChunkRows:
         self._missing = False
         self._started = False
         self._frame_done = False  # zstd: the frame ended (it must end with the chunk)
+        self._whole = False  # the first piece was the whole stored value (a small chunk)
         if fmt.codec != "raw":
             self._ahead = self._next_piece()
 
@@ -257,16 +258,16 @@ class ChunkRows:
         start = self._offset
         if start == 0 and math.prod(self.fmt.chunk) * self.fmt.dtype.itemsize < INPUT_PIECE // 2:
             self._offset = INPUT_PIECE  # a small chunk: its whole value at once (no ranged read past its end)
-            return _Whole(self.fetch(0, None))
+            self._whole = True
+            return self.fetch(0, None)
         self._offset += INPUT_PIECE
         return self.fetch(start, start + INPUT_PIECE)
 
     def _take_piece(self) -> Optional[bytes]:
-        ahead = self._ahead
-        piece = ahead.result()
+        piece = self._ahead.result()
         if piece is None or len(piece) == 0:
             return piece
-        self._ahead = self._next_piece() if len(piece) == INPUT_PIECE and not isinstance(ahead, _Whole) else _Done()
+        self._ahead = self._next_piece() if len(piece) == INPUT_PIECE and not self._whole else _Done()
         return piece
 
     def read(self, k: int) -> np.ndarray:
@@ -460,18 +461,6 @@ class ChunkRows:
             self.close()
         except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone already
             pass
-
-
-class _Whole:
-    """A small chunk's whole stored value, read as its first (and only) piece."""
-
-    __slots__ = ("read",)
-
-    def __init__(self, read: Any) -> None:
-        self.read = read
-
-    def result(self) -> Optional[bytes]:
-        return self.read.result()
 
 
 class _Done:
